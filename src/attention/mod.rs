@@ -1,0 +1,1 @@
+//! The operator's semantics, CPU kernel and reference (see params, cpu, reference).

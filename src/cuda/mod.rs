@@ -1,0 +1,1 @@
+//! CUDA side (feature `cuda`): owned by the CUDA work (issue 4).

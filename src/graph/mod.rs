@@ -1,0 +1,1 @@
+//! placeholder module: owned by the rewrite-tool work (issue 3).

@@ -1,0 +1,1 @@
+//! The ORT custom-op ABI.
