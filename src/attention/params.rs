@@ -252,7 +252,7 @@ impl AttentionProblem {
     /// Effective right window: causal clamps it to 0.
     pub fn effective_window_right(&self) -> Option<usize> {
         match (self.is_causal, self.window_right) {
-            (true, Some(w)) => Some(w.min(0)),
+            (true, Some(_)) => Some(0),
             (true, None) => Some(0),
             (false, w) => w,
         }
