@@ -520,7 +520,7 @@ pub fn match_softmax(
     let m = mask::build(
         v,
         &masks,
-        &qd,
+        qd,
         &kd,
         score_dims.as_deref(),
         elem,

@@ -211,11 +211,11 @@ fn float_arith(op: &str, a: f64, b: f64) -> Option<f64> {
     })
 }
 
-/// Slice parameters (starts, ends, axes, steps) of a Slice node, when constant.
-fn slice_params(
-    n: &NodeProto,
-    infos: &Infos,
-) -> Option<(Vec<i64>, Vec<i64>, Option<Vec<i64>>, Option<Vec<i64>>)> {
+/// starts, ends, axes, steps of a Slice.
+type SliceParams = (Vec<i64>, Vec<i64>, Option<Vec<i64>>, Option<Vec<i64>>);
+
+/// Slice parameters of a Slice node, when constant.
+fn slice_params(n: &NodeProto, infos: &Infos) -> Option<SliceParams> {
     let get = |i: usize| -> Option<Option<Vec<i64>>> {
         match n.input.get(i).filter(|s| !s.is_empty()) {
             None => Some(None),
@@ -403,7 +403,7 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
                                 .map(|s| vec![Dim::Val(s as i64)])
                         });
                     } else {
-                        info.scalar = x.scalar.or_else(|| match x.ints.as_deref() {
+                        info.scalar = x.scalar.or(match x.ints.as_deref() {
                             Some([Dim::Val(v)]) => Some(*v as f64),
                             _ => None,
                         });

@@ -17,7 +17,7 @@ pub struct InputData {
     pub values: Vec<f64>,
 }
 
-/// Sizes for symbolic dims: `batch` → 2, names with `past` → 3, other symbols (sequence
+/// Sizes for symbolic dims: `batch` (or `B`, `N`) → 2, names with `past` → 3, other symbols (sequence
 /// lengths) → `seq`; unnamed dynamic dims → 1.
 #[derive(Clone, Debug)]
 pub struct Dims {
@@ -128,7 +128,7 @@ pub fn generate(model: &ModelProto, dims: &Dims, seed: u64) -> Result<Vec<InputD
                             Some(Value::DimValue(v)) => *v,
                             Some(Value::DimParam(p)) => {
                                 let p = p.to_lowercase();
-                                if p.contains("batch") {
+                                if p.contains("batch") || p == "b" || p == "n" {
                                     dims.batch
                                 } else if p.contains("past") || p.contains("cache") {
                                     dims.past

@@ -179,13 +179,16 @@ fn from_value(name: &str, v: &DynValue) -> Result<(Vec<i64>, Vec<f64>, bool)> {
     Ok((shape, vals, low))
 }
 
-/// Runs `model` on `inputs` and returns each output (name, shape, values, low precision).
+/// One output of a run: name, shape, values as f64, and whether it is float16/bfloat16.
+pub type RunOutput = (String, Vec<i64>, Vec<f64>, bool);
+
+/// Runs `model` on `inputs` and returns each output.
 pub fn run_model(
     model: &Path,
     inputs: &[InputData],
     op_lib: Option<&Path>,
     threads: usize,
-) -> Result<Vec<(String, Vec<i64>, Vec<f64>, bool)>> {
+) -> Result<Vec<RunOutput>> {
     let mut session = runtime::open_session(model, op_lib, threads)?;
     let mut feed: Vec<(String, DynValue)> = Vec::new();
     for d in inputs {
