@@ -44,14 +44,6 @@ fn div(a: &Dim, b: i64) -> Dim {
     }
 }
 
-fn add(a: &Dim, b: &Dim) -> Dim {
-    match (a, b) {
-        (Dim::Known(x), Dim::Known(y)) => Dim::Known(x + y),
-        (Dim::Known(0), other) | (other, Dim::Known(0)) => other.clone(),
-        _ => Dim::Unknown,
-    }
-}
-
 struct Ctx {
     api: &'static OrtApi,
     ctx: *mut OrtShapeInferContext,
@@ -168,25 +160,21 @@ pub fn infer(ctx: *mut OrtShapeInferContext) -> Result<()> {
     let Some((q, qs)) = c.input(0)? else {
         return Ok(());
     };
-    let Some((k, ks)) = c.input(1)? else {
+    let Some((k, _)) = c.input(1)? else {
         return Ok(());
     };
     let Some((v, vs)) = c.input(2)? else {
         return Ok(());
     };
-    let past = c.input(4)?;
     let rank = q.shape.len();
     let (hq_attr, hkv_attr) = (c.attr_int("q_num_heads")?, c.attr_int("kv_num_heads")?);
 
-    // (batch, q heads, q len, kv heads, new kv len, D, Dv) as far as they can be known.
-    let (b, hq, sq, hkv, skv, d, dv) = match rank {
+    // (batch, q heads, q len, Dv) as far as they can be known.
+    let (b, hq, sq, dv) = match rank {
         4 if k.shape.len() == 4 && v.shape.len() == 4 => (
             dim_of(&q, &qs, 0),
             dim_of(&q, &qs, 1),
             dim_of(&q, &qs, 2),
-            dim_of(&k, &ks, 1),
-            dim_of(&k, &ks, 2),
-            dim_of(&q, &qs, 3),
             dim_of(&v, &vs, 3),
         ),
         3 if k.shape.len() == 3 && v.shape.len() == 3 => {
@@ -199,31 +187,24 @@ pub fn infer(ctx: *mut OrtShapeInferContext) -> Result<()> {
                 dim_of(&q, &qs, 0),
                 Dim::Known(hq),
                 dim_of(&q, &qs, 1),
-                Dim::Known(hkv),
-                dim_of(&k, &ks, 1),
-                div(&dim_of(&q, &qs, 2), hq),
                 div(&dim_of(&v, &vs, 2), hkv),
             )
         }
         _ => return Ok(()), // run time reports the rank mismatch with the actual shapes
     };
     let y = if rank == 4 {
-        vec![b.clone(), hq.clone(), sq.clone(), dv.clone()]
+        vec![b, hq, sq, dv]
     } else {
         let hidden = match (&hq, &dv) {
             (Dim::Known(h), dv) => mul(dv, *h),
             _ => Dim::Unknown,
         };
-        vec![b.clone(), sq, hidden]
+        vec![b, sq, hidden]
     };
     c.set_output(0, &q, &y)?;
-    let total = match &past {
-        Some((pk, pks)) if pk.shape.len() == 4 => add(&dim_of(pk, pks, 2), &skv),
-        Some(_) => Dim::Unknown,
-        None => skv,
-    };
-    // present_key/present_value are optional outputs: a node without them rejects the index.
-    let _ = c.set_output(1, &q, &[b.clone(), hkv.clone(), total.clone(), d]);
-    let _ = c.set_output(2, &q, &[b, hkv, total, dv]);
+
+    // present_key/present_value get their element type from ORT's own inference; their shapes
+    // are left to run time because the inference context does not say how many outputs the node
+    // has, and hosts before 1.2x abort (not error) on an out-of-range output index.
     Ok(())
 }

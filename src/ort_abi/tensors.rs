@@ -148,6 +148,13 @@ impl KernelContext {
         if value.is_null() {
             return Ok(None);
         }
+        // Older hosts hand out an empty OrtValue (not null) for an omitted optional input.
+        let mut has_value = 0;
+        // SAFETY: `value` is a live OrtValue of this context.
+        check(unsafe { (self.api.HasValue)(value, &mut has_value) }, name)?;
+        if has_value == 0 {
+            return Ok(None);
+        }
         let mut info: *mut OrtTensorTypeAndShapeInfo = ptr::null_mut();
         // SAFETY: `value` is a live input value; the info is released below.
         check(
