@@ -1,0 +1,118 @@
+//! Naive attention in fp64: the oracle the kernels are tested against. It follows DESIGN.md's
+//! order of operations literally (scale → softcap → mask → softmax → P·V) one row at a time.
+
+use super::{AttentionProblem, CpuInputs, MaskData, MaskKind};
+
+/// Whether key `j` is visible to query `i` of batch `b`, head `h`, and the additive mask value.
+/// Returns `None` when the key is masked out.
+pub fn mask_term(
+    p: &AttentionProblem,
+    inp: &CpuInputs,
+    b: usize,
+    h: usize,
+    i: usize,
+    j: usize,
+) -> Option<f64> {
+    let (lo, hi) = p.visible_keys(i);
+    if j < lo || j >= hi {
+        return None;
+    }
+    if let Some(n) = inp.nonpad_kv_seqlen {
+        if j as i64 >= n[b] {
+            return None;
+        }
+    }
+    match (&p.mask, &inp.mask) {
+        (Some(desc), Some(data)) => {
+            let s = desc.strides;
+            let idx = b * s[0] + h * s[1] + i * s[2] + j * s[3];
+            let add = match (desc.kind, data) {
+                (MaskKind::Bool, MaskData::Bool(m)) => return (m[idx] != 0).then_some(0.0),
+                (_, MaskData::F32(m)) => m[idx] as f64,
+                (_, MaskData::F16(m)) => m[idx].to_f64(),
+                (_, MaskData::BF16(m)) => m[idx].to_f64(),
+                (_, MaskData::Bool(_)) => unreachable!("validated: bool data has a bool desc"),
+            };
+            // A key whose additive mask is −inf is invisible; it contributes exactly nothing.
+            (add != f64::NEG_INFINITY).then_some(add)
+        }
+        _ => Some(0.0),
+    }
+}
+
+/// Y in the problem's output layout (dense, `out_strides`), computed in fp64.
+/// Rows with no visible key are zero.
+pub fn attention_f64(p: &AttentionProblem, inp: &CpuInputs) -> Vec<f64> {
+    let out_len = super::extent([p.batch, p.q_heads, p.q_len, p.v_head_dim], p.out_strides);
+    let mut out = vec![0.0f64; out_len];
+    let mut scores = vec![0.0f64; p.kv_len];
+    let mut visible = vec![false; p.kv_len];
+    for b in 0..p.batch {
+        for h in 0..p.q_heads {
+            let kvh = p.kv_head_of(h);
+            for i in 0..p.q_len {
+                let mut max = f64::NEG_INFINITY;
+                for j in 0..p.kv_len {
+                    visible[j] = false;
+                    let Some(add) = mask_term(p, inp, b, h, i, j) else {
+                        continue;
+                    };
+                    let mut dot = 0.0f64;
+                    for d in 0..p.head_dim {
+                        let qv = inp.q.get_f32(
+                            b * p.q_strides[0]
+                                + h * p.q_strides[1]
+                                + i * p.q_strides[2]
+                                + d * p.q_strides[3],
+                        );
+                        let kv = inp.k.get_f32(
+                            b * inp.k_strides[0]
+                                + kvh * inp.k_strides[1]
+                                + j * inp.k_strides[2]
+                                + d * inp.k_strides[3],
+                        );
+                        dot += qv as f64 * kv as f64;
+                    }
+                    let mut s = dot * p.scale as f64;
+                    if p.softcap > 0.0 {
+                        let c = p.softcap as f64;
+                        s = c * (s / c).tanh();
+                    }
+                    s += add;
+                    scores[j] = s;
+                    visible[j] = true;
+                    max = max.max(s);
+                }
+                if max == f64::NEG_INFINITY {
+                    continue; // no visible key: the row stays zero
+                }
+                let mut sum = 0.0;
+                for j in 0..p.kv_len {
+                    if visible[j] {
+                        scores[j] = (scores[j] - max).exp();
+                        sum += scores[j];
+                    }
+                }
+                for dv in 0..p.v_head_dim {
+                    let mut acc = 0.0;
+                    for j in 0..p.kv_len {
+                        if visible[j] {
+                            let vv = inp.v.get_f32(
+                                b * inp.v_strides[0]
+                                    + kvh * inp.v_strides[1]
+                                    + j * inp.v_strides[2]
+                                    + dv * inp.v_strides[3],
+                            );
+                            acc += scores[j] * vv as f64;
+                        }
+                    }
+                    out[b * p.out_strides[0]
+                        + h * p.out_strides[1]
+                        + i * p.out_strides[2]
+                        + dv * p.out_strides[3]] = acc / sum;
+                }
+            }
+        }
+    }
+    out
+}
