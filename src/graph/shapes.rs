@@ -174,6 +174,31 @@ fn broadcast(a: &[Dim], b: &[Dim], infos: &mut Infos) -> Vec<Dim> {
     out
 }
 
+/// The size a Reshape's -1 takes: the input's element count divided by the other target dims,
+/// cancelling equal symbols (so [batch, seq, 32] → [batch, seq, -1, 16] gives 2).
+fn infer_minus_one(input: &[Dim], others: &[Dim]) -> Option<Dim> {
+    let mut syms: Vec<&Dim> = input.iter().filter(|d| d.val().is_none()).collect();
+    let mut num: i64 = input
+        .iter()
+        .filter_map(Dim::val)
+        .try_fold(1i64, |a, b| a.checked_mul(b))?;
+    let mut den: i64 = 1;
+    for d in others {
+        match d {
+            Dim::Val(v) => den = den.checked_mul(*v)?,
+            sym => {
+                let k = syms.iter().position(|s| *s == sym)?;
+                syms.remove(k);
+            }
+        }
+    }
+    if !syms.is_empty() || den <= 0 || num % den != 0 {
+        return None;
+    }
+    num /= den;
+    Some(Dim::Val(num))
+}
+
 fn norm_axis(axis: i64, rank: usize) -> Option<usize> {
     let a = if axis < 0 { axis + rank as i64 } else { axis };
     (0..rank as i64).contains(&a).then_some(a as usize)
@@ -302,6 +327,9 @@ fn set(infos: &mut Infos, name: &str, mut info: Info) {
                     .zip(old_d)
                     .map(|(a, b)| match (a, b) {
                         (Dim::Sym(s), Dim::Val(v)) if s.starts_with('?') => Dim::Val(*v),
+                        (Dim::Sym(s), Dim::Sym(t)) if s.starts_with('?') && !t.starts_with('?') => {
+                            Dim::Sym(t.clone())
+                        }
                         _ => a.clone(),
                     })
                     .collect();
@@ -698,18 +726,14 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
                         })
                         .collect();
                     if let Some(pos) = t.iter().position(|d| *d == Dim::Val(-1)) {
-                        let total: Option<i64> = x
-                            .dims
-                            .as_ref()
-                            .and_then(|d| d.iter().map(Dim::val).product());
-                        let rest: Option<i64> = out
+                        let others: Option<Vec<Dim>> = out
                             .iter()
                             .enumerate()
                             .filter(|(i, _)| *i != pos)
-                            .map(|(_, d)| d.as_ref().and_then(Dim::val))
-                            .product();
-                        out[pos] = match (total, rest) {
-                            (Some(t), Some(r)) if r > 0 => Some(Dim::Val(t / r)),
+                            .map(|(_, d)| d.clone())
+                            .collect();
+                        out[pos] = match (&x.dims, others) {
+                            (Some(xd), Some(others)) => infer_minus_one(xd, &others),
                             _ => None,
                         };
                     }
@@ -1002,13 +1026,20 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
             } else {
                 None
             };
+            // Small integer fills (torch's `expand` writes ConstantOfShape(…) · −1) keep values.
+            let ints = match (dims.as_deref(), t.and_then(tensor::ints).as_deref()) {
+                (Some([Dim::Val(n)]), Some([fill])) if (0..=64).contains(n) => {
+                    Some(vec![Dim::Val(*fill); *n as usize])
+                }
+                _ => None,
+            };
             set(
                 infos,
                 &out0,
                 Info {
                     elem,
                     dims,
-                    ints: None,
+                    ints,
                     scalar,
                 },
             );
