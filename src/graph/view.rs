@@ -113,13 +113,10 @@ impl<'g> GraphView<'g> {
 
     /// A constant float scalar (one element), from a constant or a foldable computation.
     pub fn scalar(&self, name: &str) -> Option<f64> {
-        let info = self.infos.get(name)?;
-        // Only trust values that came from constants or from folding constants.
-        if self.is_constant_expr(name, 24) {
-            info.scalar
-        } else {
-            None
-        }
+        let value = self.infos.get(name)?.scalar?;
+        // Only trust values that came from constants or from folding constants (checked only
+        // once a value exists: the walk is bounded but wide on data paths).
+        self.is_constant_expr(name, 24).then_some(value)
     }
 
     /// Whether `name` is computed only from constants and `Shape` (no run-time data), so its
