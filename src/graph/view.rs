@@ -157,7 +157,7 @@ impl<'g> GraphView<'g> {
             }
         }
         let mut v: Vec<_> = by_op.into_iter().map(|(k, (c, f))| (k, c, f)).collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|x| std::cmp::Reverse(x.1));
         v
     }
 
