@@ -189,11 +189,19 @@ fn int_arith(op: &str, a: &Dim, b: &Dim) -> Option<Dim> {
             Some(x.clone())
         }
         ("Div", x, y) if x == y => Some(Dim::Val(1)),
+        ("Equal", x, y) if x == y => Some(Dim::Val(1)),
+        // A dim is never negative: comparing one with -1 (torch's "keep this dim") is false.
+        ("Equal", Dim::Sym(_), Dim::Val(v)) | ("Equal", Dim::Val(v), Dim::Sym(_)) if *v < 0 => {
+            Some(Dim::Val(0))
+        }
         (_, Dim::Val(x), Dim::Val(y)) => match op {
             "Add" => x.checked_add(*y).map(Dim::Val),
             "Sub" => x.checked_sub(*y).map(Dim::Val),
             "Mul" => x.checked_mul(*y).map(Dim::Val),
             "Div" if *y != 0 => Some(Dim::Val(x.div_euclid(*y))),
+            "Equal" => Some(Dim::Val((x == y) as i64)),
+            "Max" => Some(Dim::Val(*x.max(y))),
+            "Min" => Some(Dim::Val(*x.min(y))),
             _ => None,
         },
         _ => None,
@@ -373,10 +381,41 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
                 );
             }
         }
-        "Identity" | "Softmax" | "LogSoftmax" | "Tanh" | "Sqrt" | "Neg" | "Relu" | "Sigmoid"
-        | "Erf" | "Exp" | "Log" | "Abs" | "Reciprocal" | "Floor" | "Ceil" | "Trilu" | "Dropout"
-        | "LayerNormalization" | "Gelu" | "Softplus" | "Clip" | "Sign" | "Round" | "Not"
-        | "IsNaN" | "IsInf" | "Cast" | "CastLike" => {
+        "Identity"
+        | "Softmax"
+        | "LogSoftmax"
+        | "Tanh"
+        | "Sqrt"
+        | "Neg"
+        | "Relu"
+        | "Sigmoid"
+        | "Erf"
+        | "Exp"
+        | "Log"
+        | "Abs"
+        | "Reciprocal"
+        | "Floor"
+        | "Ceil"
+        | "Trilu"
+        | "Dropout"
+        | "LayerNormalization"
+        | "Gelu"
+        | "Softplus"
+        | "Clip"
+        | "Sign"
+        | "Round"
+        | "Not"
+        | "IsNaN"
+        | "IsInf"
+        | "Cast"
+        | "CastLike"
+        | "Sin"
+        | "Cos"
+        | "Selu"
+        | "Elu"
+        | "SimplifiedLayerNormalization"
+        | "BatchNormalization"
+        | "HardSigmoid" => {
             let mut info = Info {
                 elem: x.elem,
                 dims: x.dims.clone(),
@@ -471,7 +510,133 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
                     }
                 }
             }
+            if op == "Where" && ins.len() == 3 {
+                if let (Some(c), Some(a), Some(b)) = (&ins[0].ints, &ins[1].ints, &ins[2].ints) {
+                    let n = c.len().max(a.len()).max(b.len());
+                    let at =
+                        |v: &Vec<Dim>, i: usize| v.get(if v.len() == 1 { 0 } else { i }).cloned();
+                    info.ints = (0..n)
+                        .map(|i| match at(c, i)? {
+                            Dim::Val(0) => at(b, i),
+                            Dim::Val(_) => at(a, i),
+                            Dim::Sym(_) => None,
+                        })
+                        .collect();
+                }
+            }
             set(infos, &out0, info);
+        }
+        "Gemm" => {
+            let b = get(infos, 1);
+            let ta = attr_i(n, "transA").unwrap_or(0) != 0;
+            let tb = attr_i(n, "transB").unwrap_or(0) != 0;
+            let dims = match (&x.dims, &b.dims) {
+                (Some(a), Some(bd)) if a.len() == 2 && bd.len() == 2 => Some(vec![
+                    a[if ta { 1 } else { 0 }].clone(),
+                    bd[if tb { 0 } else { 1 }].clone(),
+                ]),
+                _ => Some(infos.fresh_dims(2)),
+            };
+            set(
+                infos,
+                &out0,
+                Info {
+                    elem: x.elem,
+                    dims,
+                    ..Default::default()
+                },
+            );
+        }
+        "Flatten" => {
+            let dims = Some(match (&x.dims, attr_i(n, "axis").unwrap_or(1)) {
+                (Some(d), a) if a >= 0 && (a as usize) <= d.len() => {
+                    let a = a as usize;
+                    let prod = |s: &[Dim]| s.iter().map(Dim::val).product::<Option<i64>>();
+                    let (l, r) = (prod(&d[..a]), prod(&d[a..]));
+                    vec![
+                        l.map(Dim::Val).unwrap_or_else(|| infos.fresh()),
+                        r.map(Dim::Val).unwrap_or_else(|| infos.fresh()),
+                    ]
+                }
+                _ => infos.fresh_dims(2),
+            });
+            set(
+                infos,
+                &out0,
+                Info {
+                    elem: x.elem,
+                    dims,
+                    ..Default::default()
+                },
+            );
+        }
+        "Split" => {
+            let axis = attr_i(n, "axis").unwrap_or(0);
+            for o in n.output.iter() {
+                let dims = x.dims.as_ref().and_then(|d| {
+                    let a = norm_axis(axis, d.len())?;
+                    let mut d = d.clone();
+                    d[a] = infos.fresh();
+                    Some(d)
+                });
+                set(
+                    infos,
+                    o,
+                    Info {
+                        elem: x.elem,
+                        dims,
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+        "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceProd" | "ReduceL2" => {
+            let keep = attr_i(n, "keepdims").unwrap_or(1) != 0;
+            let axes = attr_ints(n, "axes").or_else(|| {
+                inp(1)
+                    .and_then(|s| infos.ints(s))
+                    .and_then(|v| v.iter().map(Dim::val).collect())
+            });
+            let dims = x.dims.as_ref().and_then(|d| {
+                let axes: Vec<usize> = match &axes {
+                    Some(a) if !a.is_empty() => a
+                        .iter()
+                        .map(|&a| norm_axis(a, d.len()))
+                        .collect::<Option<_>>()?,
+                    _ => (0..d.len()).collect(),
+                };
+                Some(
+                    d.iter()
+                        .enumerate()
+                        .filter_map(|(i, x)| match (axes.contains(&i), keep) {
+                            (false, _) => Some(x.clone()),
+                            (true, true) => Some(Dim::Val(1)),
+                            (true, false) => None,
+                        })
+                        .collect(),
+                )
+            });
+            set(
+                infos,
+                &out0,
+                Info {
+                    elem: x.elem,
+                    dims,
+                    ..Default::default()
+                },
+            );
+        }
+        "Conv" | "Tile" | "Pad" | "Resize" => {
+            let dims = x.dims.as_ref().map(|d| infos.fresh_dims(d.len()));
+            set(
+                infos,
+                &out0,
+                Info {
+                    elem: x.elem,
+                    dims,
+                    ..Default::default()
+                },
+            );
         }
         "MatMul" => {
             let b = get(infos, 1);
@@ -635,8 +800,13 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
         }
         "Expand" => {
             let t = get(infos, 1);
-            let dims = match (&x.dims, &t.ints) {
-                (Some(d), Some(s)) => Some(broadcast(d, s, infos)),
+            let dims = match (&x.dims, &t.ints, t.dims.as_deref()) {
+                (Some(d), Some(s), _) => Some(broadcast(d, s, infos)),
+                // Target values unknown but its length known: the rank is still proven.
+                (Some(d), None, Some([Dim::Val(r)])) if *r >= 0 && *r <= 16 => {
+                    let r = (*r as usize).max(d.len());
+                    Some(infos.fresh_dims(r))
+                }
                 _ => None,
             };
             set(
@@ -818,7 +988,10 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
         "ConstantOfShape" => {
             let t = attr(n, "value").and_then(|a| a.t.as_ref());
             let elem = t.and_then(|t| t.data_type).or(Some(DataType::Float as i32));
-            let dims = x.ints.clone();
+            let dims = x.ints.clone().or_else(|| match x.dims.as_deref() {
+                Some([Dim::Val(r)]) if *r >= 0 && *r <= 16 => Some(infos.fresh_dims(*r as usize)),
+                _ => None,
+            });
             let single = dims
                 .as_ref()
                 .is_some_and(|d| d.iter().all(|v| *v == Dim::Val(1)));

@@ -141,6 +141,26 @@ impl<'g> GraphView<'g> {
             .all(|s| self.is_constant_expr(s, depth - 1))
     }
 
+    /// Op types whose outputs have no inferred rank: (op, count, first output), most first.
+    pub fn unknown_shapes(&self) -> Vec<(String, usize, String)> {
+        let mut by_op: HashMap<String, (usize, String)> = HashMap::new();
+        for n in &self.graph.node {
+            for o in n
+                .output
+                .iter()
+                .filter(|o| !o.is_empty() && self.rank(o).is_none())
+            {
+                let e = by_op
+                    .entry(n.op_type.clone().unwrap_or_default())
+                    .or_insert((0, o.clone()));
+                e.0 += 1;
+            }
+        }
+        let mut v: Vec<_> = by_op.into_iter().map(|(k, (c, f))| (k, c, f)).collect();
+        v.sort_by_key(|x| std::cmp::Reverse(x.1));
+        v
+    }
+
     pub fn dims(&self, name: &str) -> Option<&[Dim]> {
         self.infos.dims(name)
     }
