@@ -836,7 +836,7 @@ fn fold_repeat_kv(s: &Site, t: &str, reader: usize) -> Option<(String, Vec<usize
     let mut cur = v.node(r).input[0].clone();
     let mut rd = r;
     // Skips Identity and Slices that keep every dim, returning the producer of the first other op.
-    let mut skip = |cur: &mut String, rd: &mut usize, nodes: &mut Vec<usize>| -> Option<usize> {
+    let skip = |cur: &mut String, rd: &mut usize, nodes: &mut Vec<usize>| -> Option<usize> {
         loop {
             if !private(cur, *rd) {
                 return None;
