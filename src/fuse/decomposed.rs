@@ -543,6 +543,9 @@ pub fn match_softmax(
     if m.is_causal {
         attrs.push(plan::attr_int("is_causal", 1));
     }
+    if let Some(w) = m.window_left {
+        attrs.push(plan::attr_int("window_left", w));
+    }
     if let Some(c) = softcap {
         attrs.push(plan::attr_float("softcap", c as f32));
     }
