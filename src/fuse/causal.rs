@@ -45,6 +45,19 @@ pub fn split_bool(v: &GraphView, cond: &str, sq: &Dim, skv: &Dim) -> Option<Spli
     }
     let mut parts = Vec::new();
     conjuncts(v, cond, &mut parts, 8);
+    if std::env::var_os("FLASH_ORT_DEBUG").is_some() {
+        for p in &parts {
+            let op = v
+                .producer(p)
+                .map(|i| v.node(i).op_type.clone().unwrap_or_default());
+            let args = v
+                .producer(p)
+                .map(|i| v.node(i).input.clone())
+                .unwrap_or_default();
+            let ar: Vec<_> = args.iter().map(|a| arange_axis(v, a, 8)).collect();
+            eprintln!("conjunct {p} {op:?} aranges {ar:?} sq {sq:?} skv {skv:?}");
+        }
+    }
     let mut split = Split::default();
     for p in parts {
         if is_all_true(v, &p) {
@@ -128,6 +141,27 @@ fn arange_axis(v: &GraphView, t: &str, depth: usize) -> Option<(usize, usize, Di
             .is_some_and(|e| !tensor::is_float(e) && e != DataType::Bool as i32)
     {
         return arange_axis(v, &n.input[0], depth - 1);
+    }
+    // `arange + 0` (a cache position offset of zero) and Slices that keep every dim.
+    if is_op(n, "Add") {
+        let zero = |k: usize| {
+            n.input.get(k).is_some_and(|z| {
+                v.infos.ints(z) == Some(&[Dim::Val(0)][..]) && v.is_constant_expr(z, 6)
+            })
+        };
+        if zero(1) {
+            return arange_axis(v, &n.input[0], depth - 1);
+        }
+        if zero(0) {
+            return arange_axis(v, n.input.get(1)?, depth - 1);
+        }
+        return None;
+    }
+    if is_op(n, "Slice") || is_op(n, "Identity") {
+        let (a, b) = (v.dims(&n.input[0])?, v.dims(&n.output[0])?);
+        return (a == b)
+            .then(|| arange_axis(v, &n.input[0], depth - 1))
+            .flatten();
     }
     if is_op(n, "Range") {
         let scalar = |k: usize| {

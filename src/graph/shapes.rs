@@ -178,6 +178,8 @@ fn broadcast(a: &[Dim], b: &[Dim], infos: &mut Infos) -> Vec<Dim> {
 /// cancelling equal symbols (so [batch, seq, 32] → [batch, seq, -1, 16] gives 2).
 fn infer_minus_one(input: &[Dim], others: &[Dim]) -> Option<Dim> {
     let mut syms: Vec<&Dim> = input.iter().filter(|d| d.val().is_none()).collect();
+    // Products like `batch*sequence` cancel factor by factor.
+    let _ = &mut syms;
     let mut num: i64 = input
         .iter()
         .filter_map(Dim::val)
@@ -192,11 +194,13 @@ fn infer_minus_one(input: &[Dim], others: &[Dim]) -> Option<Dim> {
             }
         }
     }
-    if !syms.is_empty() || den <= 0 || num % den != 0 {
+    if den <= 0 || num % den != 0 {
         return None;
     }
     num /= den;
-    Some(Dim::Val(num))
+    // What is left is the product of the symbols that did not cancel.
+    syms.into_iter()
+        .try_fold(Dim::Val(num), |acc, s| product(&acc, s, false))
 }
 
 fn norm_axis(axis: i64, rank: usize) -> Option<usize> {
@@ -219,6 +223,8 @@ fn int_arith(op: &str, a: &Dim, b: &Dim) -> Option<Dim> {
         ("Equal", Dim::Sym(_), Dim::Val(v)) | ("Equal", Dim::Val(v), Dim::Sym(_)) if *v < 0 => {
             Some(Dim::Val(0))
         }
+        ("Mul", x, y) => product(x, y, false),
+        ("Div", x, y) => product(x, y, true),
         (_, Dim::Val(x), Dim::Val(y)) => match op {
             "Add" => x.checked_add(*y).map(Dim::Val),
             "Sub" => x.checked_sub(*y).map(Dim::Val),
@@ -231,6 +237,40 @@ fn int_arith(op: &str, a: &Dim, b: &Dim) -> Option<Dim> {
         },
         _ => None,
     }
+}
+
+/// A dim as coefficient × symbols (a symbol may itself be a product written `a*b`).
+fn factors(d: &Dim) -> (i64, Vec<String>) {
+    match d {
+        Dim::Val(v) => (*v, vec![]),
+        Dim::Sym(s) => (1, s.split('*').map(str::to_string).collect()),
+    }
+}
+
+/// x·y or x/y over symbolic products (`batch*sequence / batch` = `sequence`); a division that is
+/// not exact gives None.
+fn product(x: &Dim, y: &Dim, divide: bool) -> Option<Dim> {
+    let (kx, mut fx) = factors(x);
+    let (ky, fy) = factors(y);
+    let k = if divide {
+        if ky == 0 || kx % ky != 0 {
+            return None;
+        }
+        for f in fy {
+            let i = fx.iter().position(|g| *g == f)?;
+            fx.remove(i);
+        }
+        kx / ky
+    } else {
+        fx.extend(fy);
+        kx.checked_mul(ky)?
+    };
+    fx.sort();
+    Some(match (k, fx.is_empty()) {
+        (k, true) => Dim::Val(k),
+        (1, false) => Dim::Sym(fx.join("*")),
+        (k, false) => Dim::Sym(format!("{k}*{}", fx.join("*"))),
+    })
 }
 
 fn float_arith(op: &str, a: f64, b: f64) -> Option<f64> {
@@ -1045,7 +1085,19 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
             );
         }
         "Range" => {
-            let dims = Some(vec![infos.fresh()]);
+            // Range(0, n, 1) has n elements; anything else gets a fresh symbol.
+            let scalar = |k: usize| match inp(k).and_then(|s| infos.ints(s)) {
+                Some([d]) => Some(d.clone()),
+                _ => None,
+            };
+            let len = match (scalar(0), scalar(1), scalar(2)) {
+                (Some(Dim::Val(0)), Some(n), Some(Dim::Val(1))) => n,
+                (Some(Dim::Val(a)), Some(Dim::Val(b)), Some(Dim::Val(d))) if d != 0 => {
+                    Dim::Val(((b - a) as f64 / d as f64).ceil().max(0.0) as i64)
+                }
+                _ => infos.fresh(),
+            };
+            let dims = Some(vec![len]);
             set(
                 infos,
                 &out0,
