@@ -19,22 +19,93 @@ pub struct Split {
     pub rest: Vec<String>,
 }
 
-/// An additive mask `Where(cond, 0, fill)`: its split, and the names of the zero and the fill.
-pub fn split_additive(
-    v: &GraphView,
-    m: &str,
-    sq: &Dim,
-    skv: &Dim,
-) -> Option<(Split, String, String)> {
-    let w = v.node(v.producer_op(m, "Where")?);
-    let (cond, zero, fill) = (w.input.first()?, w.input.get(1)?, w.input.get(2)?);
-    if !is_const_fill(v, zero, |x| x == 0.0, 6)
-        || !is_const_fill(v, fill, |x| x <= super::decomposed::MASK_FILL_MAX, 6)
-    {
-        return None;
+/// A float mask split: the proven parts, and what the rest of the mask is made of.
+#[derive(Debug)]
+pub struct FloatSplit {
+    pub split: Split,
+    /// `Where(cond, keep, fill)`: what unmasked positions add (0, or T5's position bias), and
+    /// the fill; reused to rebuild the rest of `cond`.
+    pub keep: String,
+    pub keep_is_zero: bool,
+    pub fill: String,
+    /// Other summands of the mask (a position bias added to the causal mask, as T5 does).
+    pub others: Vec<String>,
+}
+
+/// An additive mask `Where(cond, keep, fill)` (keep = 0, or a bias), or a sum with one such term,
+/// whose `cond` contains the causal triangle. Masked positions get `fill` here and `keep + fill`
+/// or nothing after the rewrite: all are ≤ −10⁴ below the row's visible scores, so exp() is 0.
+pub fn split_additive(v: &GraphView, m: &str, sq: &Dim, skv: &Dim) -> Option<FloatSplit> {
+    let mut summands = Vec::new();
+    sum_terms(v, m, &mut summands, 3);
+    for (k, t) in summands.iter().enumerate() {
+        let Some(w) = v.producer_op(t, "Where").map(|p| v.node(p)) else {
+            continue;
+        };
+        let (Some(cond), Some(keep), Some(fill)) =
+            (w.input.first(), w.input.get(1), w.input.get(2))
+        else {
+            continue;
+        };
+        if !is_const_fill(v, fill, |x| x <= super::decomposed::MASK_FILL_MAX, 6) {
+            continue;
+        }
+        let keep_is_zero = is_const_fill(v, keep, |x| x == 0.0, 6);
+        if let Some(split) = split_bool(v, cond, sq, skv) {
+            let others = summands
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != k)
+                .map(|(_, s)| s.clone())
+                .collect();
+            return Some(FloatSplit {
+                split,
+                keep: keep.clone(),
+                keep_is_zero,
+                fill: fill.clone(),
+                others,
+            });
+        }
     }
-    let split = split_bool(v, cond, sq, skv)?;
-    Some((split, zero.clone(), fill.clone()))
+    None
+}
+
+fn sum_terms(v: &GraphView, t: &str, out: &mut Vec<String>, depth: usize) {
+    match v.producer_op(t, "Add").filter(|_| depth > 0) {
+        Some(p) => {
+            for i in &v.node(p).input {
+                sum_terms(v, i, out, depth - 1);
+            }
+        }
+        None => out.push(t.to_string()),
+    }
+}
+
+/// Rebuilds what remains of a float mask, `Σ others + Where(∧ rest, keep, fill)`, with `add`
+/// making each new node (op, inputs) → output. None when nothing remains.
+pub fn rebuild_float(
+    fs: FloatSplit,
+    add: &mut dyn FnMut(&str, Vec<String>) -> String,
+) -> Option<String> {
+    let mut terms = fs.others;
+    match rebuild_bool(fs.split.rest, add) {
+        Some(cond) => terms.push(add("Where", vec![cond, fs.keep, fs.fill])),
+        None if !fs.keep_is_zero => terms.push(fs.keep),
+        None => {}
+    }
+    let mut it = terms.into_iter();
+    let first = it.next()?;
+    Some(it.fold(first, |acc, t| add("Add", vec![acc, t])))
+}
+
+/// `∧ rest`, None when empty.
+pub fn rebuild_bool(
+    rest: Vec<String>,
+    add: &mut dyn FnMut(&str, Vec<String>) -> String,
+) -> Option<String> {
+    let mut it = rest.into_iter();
+    let first = it.next()?;
+    Some(it.fold(first, |acc, t| add("And", vec![acc, t])))
 }
 
 /// A boolean mask (true = attend) that is a conjunction containing the causal triangle.
@@ -45,19 +116,6 @@ pub fn split_bool(v: &GraphView, cond: &str, sq: &Dim, skv: &Dim) -> Option<Spli
     }
     let mut parts = Vec::new();
     conjuncts(v, cond, &mut parts, 8);
-    if std::env::var_os("FLASH_ORT_DEBUG").is_some() {
-        for p in &parts {
-            let op = v
-                .producer(p)
-                .map(|i| v.node(i).op_type.clone().unwrap_or_default());
-            let args = v
-                .producer(p)
-                .map(|i| v.node(i).input.clone())
-                .unwrap_or_default();
-            let ar: Vec<_> = args.iter().map(|a| arange_axis(v, a, 8)).collect();
-            eprintln!("conjunct {p} {op:?} aranges {ar:?} sq {sq:?} skv {skv:?}");
-        }
-    }
     let mut split = Split::default();
     for p in parts {
         if is_all_true(v, &p) {

@@ -419,8 +419,8 @@ pub fn match_softmax(
         .copied()
         .unwrap_or(qk);
     let (k, vv, gqa) = match (
-        fold_repeat_kv(&s, &k, k_reader),
-        fold_repeat_kv(&s, &v_in, pv),
+        fold_repeat_kv(v, &k, k_reader),
+        fold_repeat_kv(v, &v_in, pv),
     ) {
         (Some((kb, kn)), Some((vb, vn))) => {
             s.core.extend(kn);
@@ -821,8 +821,7 @@ fn dims_of_k(v: &GraphView, k: &str, extra: &[NodeProto]) -> Option<Vec<Dim>> {
 /// `Reshape(Expand(Unsqueeze(x, 2), [B, Hkv, n, S, D]), [B, Hkv·n, S, D])` — repeat_interleave of
 /// KV heads, possibly with Identity (a clone) or no-op Slices between the steps, as the dynamo
 /// exporter writes it. Returns x and the nodes when every dim is proven.
-fn fold_repeat_kv(s: &Site, t: &str, reader: usize) -> Option<(String, Vec<usize>)> {
-    let v = s.v;
+pub fn fold_repeat_kv(v: &GraphView, t: &str, reader: usize) -> Option<(String, Vec<usize>)> {
     let mut nodes = Vec::new();
     // Each step's output must be read only by the next step.
     let private = |name: &str, rd: usize| {
@@ -880,11 +879,7 @@ fn fold_repeat_kv(s: &Site, t: &str, reader: usize) -> Option<(String, Vec<usize
     if axes != [2] || xd.len() != 4 {
         return None;
     }
-    let out = v.dims(t);
-    if std::env::var_os("FLASH_ORT_DEBUG").is_some() {
-        eprintln!("repeat_kv {t}: x {xd:?} expand {target:?} out {out:?}");
-    }
-    let (target, out) = (target?, out?);
+    let (target, out) = (target?, v.dims(t)?);
     let same = |a: &Dim, b: &Dim| a == b || *a == Dim::Val(1);
     let ok = target.len() == 5
         && same(&target[0], &xd[0])
