@@ -52,6 +52,10 @@ enum Command {
         /// Print the report as JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Also list, on stderr, the ops whose output shapes could not be inferred (why a site
+        /// may say rank-unknown).
+        #[arg(long)]
+        debug_shapes: bool,
     },
     /// Run A and B in ONNX Runtime on the same generated inputs; report max abs/rel error per output.
     Verify {
@@ -137,8 +141,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
         }
-        Command::Inspect { input, json } => {
+        Command::Inspect {
+            input,
+            json,
+            debug_shapes,
+        } => {
             let mut loaded = graph::load_model(&input)?;
+            if debug_shapes {
+                if let Some(g) = loaded.model.graph.as_ref() {
+                    for (op, n, first) in graph::view::GraphView::new(g, None).unknown_shapes() {
+                        eprintln!("shape unknown: {n:>4} output(s) of {op} (first: {first})");
+                    }
+                }
+            }
             let rep = fuse::fuse_model(&mut loaded.model, false);
             if json {
                 println!("{}", serde_json::to_string_pretty(&rep)?);

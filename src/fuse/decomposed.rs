@@ -92,7 +92,12 @@ impl<'v, 'g> Site<'v, 'g> {
                 format!("'{name}' is a graph output"),
             ));
         }
-        if let Some(&other) = self.v.consumers(name).iter().find(|&&c| c != reader) {
+        if let Some(&other) = self
+            .v
+            .consumers(name)
+            .iter()
+            .find(|&&c| c != reader && !shape_only(self.v, c))
+        {
             return Err(Skip::new(
                 "intermediate-has-other-consumers",
                 self.label(other),
@@ -414,8 +419,8 @@ pub fn match_softmax(
         .copied()
         .unwrap_or(qk);
     let (k, vv, gqa) = match (
-        fold_repeat_kv(&s, &k, k_reader),
-        fold_repeat_kv(&s, &v_in, pv),
+        fold_repeat_kv(v, &k, k_reader),
+        fold_repeat_kv(v, &v_in, pv),
     ) {
         (Some((kb, kn)), Some((vb, vn))) => {
             s.core.extend(kn);
@@ -505,7 +510,11 @@ pub fn match_softmax(
                     format!("'{o}' is a graph output"),
                 ));
             }
-            if let Some(&c) = v.consumers(o).iter().find(|c| !core.contains(c)) {
+            if let Some(&c) = v
+                .consumers(o)
+                .iter()
+                .find(|&&c| !core.contains(&c) && !shape_only(v, c))
+            {
                 return Err(Skip::new(
                     "intermediate-has-other-consumers",
                     s.label(c),
@@ -534,6 +543,9 @@ pub fn match_softmax(
     if m.is_causal {
         attrs.push(plan::attr_int("is_causal", 1));
     }
+    if let Some(w) = m.window_left {
+        attrs.push(plan::attr_int("window_left", w));
+    }
     if let Some(c) = softcap {
         attrs.push(plan::attr_float("softcap", c as f32));
     }
@@ -560,6 +572,13 @@ pub fn match_softmax(
             layout: "BHSD".into(),
         },
     })
+}
+
+/// Whether node `c` reads only the shape of its input (a `Shape` node). Such readers do not
+/// stop a fusion: the rewrite removes a site's nodes only once nothing reads them, so a tensor
+/// whose shape is still needed elsewhere is kept and stays correct.
+fn shape_only(v: &GraphView, c: usize) -> bool {
+    is_op(v.node(c), "Shape")
 }
 
 /// For an Add/Where node, (score-side input, other input).
@@ -800,14 +819,52 @@ fn dims_of_k(v: &GraphView, k: &str, extra: &[NodeProto]) -> Option<Vec<Dim>> {
 }
 
 /// `Reshape(Expand(Unsqueeze(x, 2), [B, Hkv, n, S, D]), [B, Hkv·n, S, D])` — repeat_interleave of
-/// KV heads. Returns x and the three nodes when every dim is proven.
-fn fold_repeat_kv(s: &Site, t: &str, reader: usize) -> Option<(String, Vec<usize>)> {
-    let v = s.v;
+/// KV heads, possibly with Identity (a clone) or no-op Slices between the steps, as the dynamo
+/// exporter writes it. Returns x and the nodes when every dim is proven.
+pub fn fold_repeat_kv(v: &GraphView, t: &str, reader: usize) -> Option<(String, Vec<usize>)> {
+    let mut nodes = Vec::new();
+    // Each step's output must be read only by the next step.
+    let private = |name: &str, rd: usize| {
+        v.consumers(name)
+            .iter()
+            .all(|&c| c == rd || shape_only(v, c))
+            && !v.is_graph_output(name)
+    };
+    if !private(t, reader) {
+        return None;
+    }
     let r = v.producer_op(t, "Reshape")?;
-    let e_out = &v.node(r).input[0];
-    let e = v.producer_op(e_out, "Expand")?;
-    let u_out = &v.node(e).input[0];
-    let u = v.producer_op(u_out, "Unsqueeze")?;
+    nodes.push(r);
+    let mut cur = v.node(r).input[0].clone();
+    let mut rd = r;
+    // Skips Identity and Slices that keep every dim, returning the producer of the first other op.
+    let skip = |cur: &mut String, rd: &mut usize, nodes: &mut Vec<usize>| -> Option<usize> {
+        loop {
+            if !private(cur, *rd) {
+                return None;
+            }
+            let p = v.producer(cur)?;
+            let n = v.node(p);
+            let no_op = is_op(n, "Identity")
+                || (is_op(n, "Slice") && {
+                    let (a, b) = (v.dims(&n.input[0])?, v.dims(cur)?);
+                    a == b
+                });
+            if !no_op {
+                return Some(p);
+            }
+            nodes.push(p);
+            *rd = p;
+            *cur = n.input[0].clone();
+        }
+    };
+    let e = skip(&mut cur, &mut rd, &mut nodes).filter(|&e| is_op(v.node(e), "Expand"))?;
+    nodes.push(e);
+    let target = v.infos.ints(&v.node(e).input[1]);
+    cur = v.node(e).input[0].clone();
+    rd = e;
+    let u = skip(&mut cur, &mut rd, &mut nodes).filter(|&u| is_op(v.node(u), "Unsqueeze"))?;
+    nodes.push(u);
     let un = v.node(u);
     let axes = attr_ints(un, "axes")
         .filter(|a| !a.is_empty())
@@ -822,8 +879,7 @@ fn fold_repeat_kv(s: &Site, t: &str, reader: usize) -> Option<(String, Vec<usize
     if axes != [2] || xd.len() != 4 {
         return None;
     }
-    let target = v.infos.ints(&v.node(e).input[1])?;
-    let out = v.dims(t)?;
+    let (target, out) = (target?, v.dims(t)?);
     let same = |a: &Dim, b: &Dim| a == b || *a == Dim::Val(1);
     let ok = target.len() == 5
         && same(&target[0], &xd[0])
@@ -838,8 +894,5 @@ fn fold_repeat_kv(s: &Site, t: &str, reader: usize) -> Option<(String, Vec<usize
             (Dim::Val(h), Dim::Val(hk), Dim::Val(n)) => *h == hk * n,
             _ => false,
         };
-    let private = [(t, reader), (e_out.as_str(), r), (u_out.as_str(), e)]
-        .iter()
-        .all(|(name, rd)| v.consumers(name) == [*rd] && !v.is_graph_output(name));
-    (ok && private).then(|| (x, vec![r, e, u]))
+    ok.then_some((x, nodes))
 }

@@ -174,6 +174,35 @@ fn broadcast(a: &[Dim], b: &[Dim], infos: &mut Infos) -> Vec<Dim> {
     out
 }
 
+/// The size a Reshape's -1 takes: the input's element count divided by the other target dims,
+/// cancelling equal symbols (so [batch, seq, 32] → [batch, seq, -1, 16] gives 2).
+fn infer_minus_one(input: &[Dim], others: &[Dim]) -> Option<Dim> {
+    let mut syms: Vec<&Dim> = input.iter().filter(|d| d.val().is_none()).collect();
+    // Products like `batch*sequence` cancel factor by factor.
+    let _ = &mut syms;
+    let mut num: i64 = input
+        .iter()
+        .filter_map(Dim::val)
+        .try_fold(1i64, |a, b| a.checked_mul(b))?;
+    let mut den: i64 = 1;
+    for d in others {
+        match d {
+            Dim::Val(v) => den = den.checked_mul(*v)?,
+            sym => {
+                let k = syms.iter().position(|s| *s == sym)?;
+                syms.remove(k);
+            }
+        }
+    }
+    if den <= 0 || num % den != 0 {
+        return None;
+    }
+    num /= den;
+    // What is left is the product of the symbols that did not cancel.
+    syms.into_iter()
+        .try_fold(Dim::Val(num), |acc, s| product(&acc, s, false))
+}
+
 fn norm_axis(axis: i64, rank: usize) -> Option<usize> {
     let a = if axis < 0 { axis + rank as i64 } else { axis };
     (0..rank as i64).contains(&a).then_some(a as usize)
@@ -189,15 +218,59 @@ fn int_arith(op: &str, a: &Dim, b: &Dim) -> Option<Dim> {
             Some(x.clone())
         }
         ("Div", x, y) if x == y => Some(Dim::Val(1)),
+        ("Equal", x, y) if x == y => Some(Dim::Val(1)),
+        // A dim is never negative: comparing one with -1 (torch's "keep this dim") is false.
+        ("Equal", Dim::Sym(_), Dim::Val(v)) | ("Equal", Dim::Val(v), Dim::Sym(_)) if *v < 0 => {
+            Some(Dim::Val(0))
+        }
+        ("Mul", x, y) => product(x, y, false),
+        ("Div", x, y) => product(x, y, true),
         (_, Dim::Val(x), Dim::Val(y)) => match op {
             "Add" => x.checked_add(*y).map(Dim::Val),
             "Sub" => x.checked_sub(*y).map(Dim::Val),
             "Mul" => x.checked_mul(*y).map(Dim::Val),
             "Div" if *y != 0 => Some(Dim::Val(x.div_euclid(*y))),
+            "Equal" => Some(Dim::Val((x == y) as i64)),
+            "Max" => Some(Dim::Val(*x.max(y))),
+            "Min" => Some(Dim::Val(*x.min(y))),
             _ => None,
         },
         _ => None,
     }
+}
+
+/// A dim as coefficient × symbols (a symbol may itself be a product written `a*b`).
+fn factors(d: &Dim) -> (i64, Vec<String>) {
+    match d {
+        Dim::Val(v) => (*v, vec![]),
+        Dim::Sym(s) => (1, s.split('*').map(str::to_string).collect()),
+    }
+}
+
+/// x·y or x/y over symbolic products (`batch*sequence / batch` = `sequence`); a division that is
+/// not exact gives None.
+fn product(x: &Dim, y: &Dim, divide: bool) -> Option<Dim> {
+    let (kx, mut fx) = factors(x);
+    let (ky, fy) = factors(y);
+    let k = if divide {
+        if ky == 0 || kx % ky != 0 {
+            return None;
+        }
+        for f in fy {
+            let i = fx.iter().position(|g| *g == f)?;
+            fx.remove(i);
+        }
+        kx / ky
+    } else {
+        fx.extend(fy);
+        kx.checked_mul(ky)?
+    };
+    fx.sort();
+    Some(match (k, fx.is_empty()) {
+        (k, true) => Dim::Val(k),
+        (1, false) => Dim::Sym(fx.join("*")),
+        (k, false) => Dim::Sym(format!("{k}*{}", fx.join("*"))),
+    })
 }
 
 fn float_arith(op: &str, a: f64, b: f64) -> Option<f64> {
@@ -294,6 +367,9 @@ fn set(infos: &mut Infos, name: &str, mut info: Info) {
                     .zip(old_d)
                     .map(|(a, b)| match (a, b) {
                         (Dim::Sym(s), Dim::Val(v)) if s.starts_with('?') => Dim::Val(*v),
+                        (Dim::Sym(s), Dim::Sym(t)) if s.starts_with('?') && !t.starts_with('?') => {
+                            Dim::Sym(t.clone())
+                        }
                         _ => a.clone(),
                     })
                     .collect();
@@ -373,10 +449,41 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
                 );
             }
         }
-        "Identity" | "Softmax" | "LogSoftmax" | "Tanh" | "Sqrt" | "Neg" | "Relu" | "Sigmoid"
-        | "Erf" | "Exp" | "Log" | "Abs" | "Reciprocal" | "Floor" | "Ceil" | "Trilu" | "Dropout"
-        | "LayerNormalization" | "Gelu" | "Softplus" | "Clip" | "Sign" | "Round" | "Not"
-        | "IsNaN" | "IsInf" | "Cast" | "CastLike" => {
+        "Identity"
+        | "Softmax"
+        | "LogSoftmax"
+        | "Tanh"
+        | "Sqrt"
+        | "Neg"
+        | "Relu"
+        | "Sigmoid"
+        | "Erf"
+        | "Exp"
+        | "Log"
+        | "Abs"
+        | "Reciprocal"
+        | "Floor"
+        | "Ceil"
+        | "Trilu"
+        | "Dropout"
+        | "LayerNormalization"
+        | "Gelu"
+        | "Softplus"
+        | "Clip"
+        | "Sign"
+        | "Round"
+        | "Not"
+        | "IsNaN"
+        | "IsInf"
+        | "Cast"
+        | "CastLike"
+        | "Sin"
+        | "Cos"
+        | "Selu"
+        | "Elu"
+        | "SimplifiedLayerNormalization"
+        | "BatchNormalization"
+        | "HardSigmoid" => {
             let mut info = Info {
                 elem: x.elem,
                 dims: x.dims.clone(),
@@ -471,7 +578,133 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
                     }
                 }
             }
+            if op == "Where" && ins.len() == 3 {
+                if let (Some(c), Some(a), Some(b)) = (&ins[0].ints, &ins[1].ints, &ins[2].ints) {
+                    let n = c.len().max(a.len()).max(b.len());
+                    let at =
+                        |v: &Vec<Dim>, i: usize| v.get(if v.len() == 1 { 0 } else { i }).cloned();
+                    info.ints = (0..n)
+                        .map(|i| match at(c, i)? {
+                            Dim::Val(0) => at(b, i),
+                            Dim::Val(_) => at(a, i),
+                            Dim::Sym(_) => None,
+                        })
+                        .collect();
+                }
+            }
             set(infos, &out0, info);
+        }
+        "Gemm" => {
+            let b = get(infos, 1);
+            let ta = attr_i(n, "transA").unwrap_or(0) != 0;
+            let tb = attr_i(n, "transB").unwrap_or(0) != 0;
+            let dims = match (&x.dims, &b.dims) {
+                (Some(a), Some(bd)) if a.len() == 2 && bd.len() == 2 => Some(vec![
+                    a[if ta { 1 } else { 0 }].clone(),
+                    bd[if tb { 0 } else { 1 }].clone(),
+                ]),
+                _ => Some(infos.fresh_dims(2)),
+            };
+            set(
+                infos,
+                &out0,
+                Info {
+                    elem: x.elem,
+                    dims,
+                    ..Default::default()
+                },
+            );
+        }
+        "Flatten" => {
+            let dims = Some(match (&x.dims, attr_i(n, "axis").unwrap_or(1)) {
+                (Some(d), a) if a >= 0 && (a as usize) <= d.len() => {
+                    let a = a as usize;
+                    let prod = |s: &[Dim]| s.iter().map(Dim::val).product::<Option<i64>>();
+                    let (l, r) = (prod(&d[..a]), prod(&d[a..]));
+                    vec![
+                        l.map(Dim::Val).unwrap_or_else(|| infos.fresh()),
+                        r.map(Dim::Val).unwrap_or_else(|| infos.fresh()),
+                    ]
+                }
+                _ => infos.fresh_dims(2),
+            });
+            set(
+                infos,
+                &out0,
+                Info {
+                    elem: x.elem,
+                    dims,
+                    ..Default::default()
+                },
+            );
+        }
+        "Split" => {
+            let axis = attr_i(n, "axis").unwrap_or(0);
+            for o in n.output.iter() {
+                let dims = x.dims.as_ref().and_then(|d| {
+                    let a = norm_axis(axis, d.len())?;
+                    let mut d = d.clone();
+                    d[a] = infos.fresh();
+                    Some(d)
+                });
+                set(
+                    infos,
+                    o,
+                    Info {
+                        elem: x.elem,
+                        dims,
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+        "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceProd" | "ReduceL2" => {
+            let keep = attr_i(n, "keepdims").unwrap_or(1) != 0;
+            let axes = attr_ints(n, "axes").or_else(|| {
+                inp(1)
+                    .and_then(|s| infos.ints(s))
+                    .and_then(|v| v.iter().map(Dim::val).collect())
+            });
+            let dims = x.dims.as_ref().and_then(|d| {
+                let axes: Vec<usize> = match &axes {
+                    Some(a) if !a.is_empty() => a
+                        .iter()
+                        .map(|&a| norm_axis(a, d.len()))
+                        .collect::<Option<_>>()?,
+                    _ => (0..d.len()).collect(),
+                };
+                Some(
+                    d.iter()
+                        .enumerate()
+                        .filter_map(|(i, x)| match (axes.contains(&i), keep) {
+                            (false, _) => Some(x.clone()),
+                            (true, true) => Some(Dim::Val(1)),
+                            (true, false) => None,
+                        })
+                        .collect(),
+                )
+            });
+            set(
+                infos,
+                &out0,
+                Info {
+                    elem: x.elem,
+                    dims,
+                    ..Default::default()
+                },
+            );
+        }
+        "Conv" | "Tile" | "Pad" | "Resize" => {
+            let dims = x.dims.as_ref().map(|d| infos.fresh_dims(d.len()));
+            set(
+                infos,
+                &out0,
+                Info {
+                    elem: x.elem,
+                    dims,
+                    ..Default::default()
+                },
+            );
         }
         "MatMul" => {
             let b = get(infos, 1);
@@ -533,18 +766,14 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
                         })
                         .collect();
                     if let Some(pos) = t.iter().position(|d| *d == Dim::Val(-1)) {
-                        let total: Option<i64> = x
-                            .dims
-                            .as_ref()
-                            .and_then(|d| d.iter().map(Dim::val).product());
-                        let rest: Option<i64> = out
+                        let others: Option<Vec<Dim>> = out
                             .iter()
                             .enumerate()
                             .filter(|(i, _)| *i != pos)
-                            .map(|(_, d)| d.as_ref().and_then(Dim::val))
-                            .product();
-                        out[pos] = match (total, rest) {
-                            (Some(t), Some(r)) if r > 0 => Some(Dim::Val(t / r)),
+                            .map(|(_, d)| d.clone())
+                            .collect();
+                        out[pos] = match (&x.dims, others) {
+                            (Some(xd), Some(others)) => infer_minus_one(xd, &others),
                             _ => None,
                         };
                     }
@@ -635,8 +864,13 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
         }
         "Expand" => {
             let t = get(infos, 1);
-            let dims = match (&x.dims, &t.ints) {
-                (Some(d), Some(s)) => Some(broadcast(d, s, infos)),
+            let dims = match (&x.dims, &t.ints, t.dims.as_deref()) {
+                (Some(d), Some(s), _) => Some(broadcast(d, s, infos)),
+                // Target values unknown but its length known: the rank is still proven.
+                (Some(d), None, Some([Dim::Val(r)])) if *r >= 0 && *r <= 16 => {
+                    let r = (*r as usize).max(d.len());
+                    Some(infos.fresh_dims(r))
+                }
                 _ => None,
             };
             set(
@@ -818,7 +1052,10 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
         "ConstantOfShape" => {
             let t = attr(n, "value").and_then(|a| a.t.as_ref());
             let elem = t.and_then(|t| t.data_type).or(Some(DataType::Float as i32));
-            let dims = x.ints.clone();
+            let dims = x.ints.clone().or_else(|| match x.dims.as_deref() {
+                Some([Dim::Val(r)]) if *r >= 0 && *r <= 16 => Some(infos.fresh_dims(*r as usize)),
+                _ => None,
+            });
             let single = dims
                 .as_ref()
                 .is_some_and(|d| d.iter().all(|v| *v == Dim::Val(1)));
@@ -829,19 +1066,38 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
             } else {
                 None
             };
+            // Small integer fills (torch's `expand` writes ConstantOfShape(…) · −1) keep values.
+            let ints = match (dims.as_deref(), t.and_then(tensor::ints).as_deref()) {
+                (Some([Dim::Val(n)]), Some([fill])) if (0..=64).contains(n) => {
+                    Some(vec![Dim::Val(*fill); *n as usize])
+                }
+                _ => None,
+            };
             set(
                 infos,
                 &out0,
                 Info {
                     elem,
                     dims,
-                    ints: None,
+                    ints,
                     scalar,
                 },
             );
         }
         "Range" => {
-            let dims = Some(vec![infos.fresh()]);
+            // Range(0, n, 1) has n elements; anything else gets a fresh symbol.
+            let scalar = |k: usize| match inp(k).and_then(|s| infos.ints(s)) {
+                Some([d]) => Some(d.clone()),
+                _ => None,
+            };
+            let len = match (scalar(0), scalar(1), scalar(2)) {
+                (Some(Dim::Val(0)), Some(n), Some(Dim::Val(1))) => n,
+                (Some(Dim::Val(a)), Some(Dim::Val(b)), Some(Dim::Val(d))) if d != 0 => {
+                    Dim::Val(((b - a) as f64 / d as f64).ceil().max(0.0) as i64)
+                }
+                _ => infos.fresh(),
+            };
+            let dims = Some(vec![len]);
             set(
                 infos,
                 &out0,

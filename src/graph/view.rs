@@ -113,13 +113,10 @@ impl<'g> GraphView<'g> {
 
     /// A constant float scalar (one element), from a constant or a foldable computation.
     pub fn scalar(&self, name: &str) -> Option<f64> {
-        let info = self.infos.get(name)?;
-        // Only trust values that came from constants or from folding constants.
-        if self.is_constant_expr(name, 24) {
-            info.scalar
-        } else {
-            None
-        }
+        let value = self.infos.get(name)?.scalar?;
+        // Only trust values that came from constants or from folding constants (checked only
+        // once a value exists: the walk is bounded but wide on data paths).
+        self.is_constant_expr(name, 24).then_some(value)
     }
 
     /// Whether `name` is computed only from constants and `Shape` (no run-time data), so its
@@ -142,6 +139,26 @@ impl<'g> GraphView<'g> {
             .iter()
             .filter(|s| !s.is_empty())
             .all(|s| self.is_constant_expr(s, depth - 1))
+    }
+
+    /// Op types whose outputs have no inferred rank: (op, count, first output), most first.
+    pub fn unknown_shapes(&self) -> Vec<(String, usize, String)> {
+        let mut by_op: HashMap<String, (usize, String)> = HashMap::new();
+        for n in &self.graph.node {
+            for o in n
+                .output
+                .iter()
+                .filter(|o| !o.is_empty() && self.rank(o).is_none())
+            {
+                let e = by_op
+                    .entry(n.op_type.clone().unwrap_or_default())
+                    .or_insert((0, o.clone()));
+                e.0 += 1;
+            }
+        }
+        let mut v: Vec<_> = by_op.into_iter().map(|(k, (c, f))| (k, c, f)).collect();
+        v.sort_by_key(|x| std::cmp::Reverse(x.1));
+        v
     }
 
     pub fn dims(&self, name: &str) -> Option<&[Dim]> {

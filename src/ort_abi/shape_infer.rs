@@ -4,6 +4,7 @@
 
 use std::ffi::{c_void, CString};
 use std::ptr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ort_sys::{OrtApi, OrtOpAttr, OrtOpAttrType, OrtShapeInferContext, OrtTensorTypeAndShapeInfo};
 
@@ -11,6 +12,9 @@ use super::api::{api, check, succeeded};
 use super::tensors::read_type_shape;
 use crate::attention::TensorDesc;
 use crate::{Error, Result};
+
+/// Numbers the symbols given to unknown output dims (see `set_output`).
+static UNKNOWN_DIMS: AtomicUsize = AtomicUsize::new(0);
 
 /// One output dimension: a known size, a symbol, or unknown.
 #[derive(Clone, Debug, PartialEq)]
@@ -131,11 +135,21 @@ impl Ctx {
                     (api.SetDimensions)(info, values.as_ptr(), values.len()),
                     "SetDimensions",
                 )?;
+                // ORT's memory planner treats equal symbol names as equal sizes, and "" counts
+                // as a name: every unknown dim gets a unique one, or unrelated tensors would be
+                // planned into one buffer (seen on fused T5/BART encoder-decoder graphs).
                 let names: Vec<CString> = dims
                     .iter()
                     .map(|d| {
-                        CString::new(if let Dim::Sym(s) = d { s.as_str() } else { "" })
-                            .unwrap_or_default()
+                        let name = match d {
+                            Dim::Sym(s) => s.clone(),
+                            Dim::Unknown => format!(
+                                "flash_unk_{}",
+                                UNKNOWN_DIMS.fetch_add(1, Ordering::Relaxed)
+                            ),
+                            Dim::Known(_) => String::new(),
+                        };
+                        CString::new(name).unwrap_or_default()
                     })
                     .collect();
                 let mut ptrs: Vec<*const std::ffi::c_char> =

@@ -17,7 +17,8 @@ pub struct InputData {
     pub values: Vec<f64>,
 }
 
-/// Sizes for symbolic dims: `batch` (or `B`, `N`) → 2, names with `past` → 3, other symbols (sequence
+/// Sizes for symbolic dims: `batch` (or `B`, `N`) → 2, names with `past` → 3, `decoder` or
+/// `target` lengths → seq − 2, other symbols (sequence
 /// lengths) → `seq`; unnamed dynamic dims → 1.
 #[derive(Clone, Debug)]
 pub struct Dims {
@@ -130,6 +131,9 @@ pub fn generate(model: &ModelProto, dims: &Dims, seed: u64) -> Result<Vec<InputD
                                 let p = p.to_lowercase();
                                 if p.contains("batch") || p == "b" || p == "n" {
                                     dims.batch
+                                } else if p.contains("decoder") || p.contains("target") {
+                                    // Differs from the encoder length so cross attention has Skv ≠ Sq.
+                                    (dims.seq - 2).max(1)
                                 } else if p.contains("past") || p.contains("cache") {
                                     dims.past
                                 } else if p.contains("total") || p.contains("all") {
