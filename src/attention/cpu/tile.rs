@@ -58,7 +58,7 @@ struct Rows {
     b: usize,
     kvh: usize,
     /// (query head, query position) per row.
-    hi: Vec<(usize, usize)>,
+    head_pos: Vec<(usize, usize)>,
     /// Visible keys of each row: `lo[r]..hi[r]` (causal/window/padding; empty when equal).
     lo: Vec<usize>,
     hi_key: Vec<usize>,
@@ -66,7 +66,9 @@ struct Rows {
 
 impl Rows {
     fn new(plan: &Plan, p: &AttentionProblem, inp: &CpuInputs, t: usize) -> Rows {
-        let rb = t % plan.row_blocks;
+        // Last row blocks first: under a causal mask they see the most keys, and starting the
+        // longest tasks early evens out the threads' finishing times.
+        let rb = plan.row_blocks - 1 - t % plan.row_blocks;
         let bk = t / plan.row_blocks;
         let (b, kvh) = (bk / p.kv_heads, bk % p.kv_heads);
         let g = plan.group;
@@ -80,14 +82,14 @@ impl Rows {
         let mut r = Rows {
             b,
             kvh,
-            hi: Vec::with_capacity(rows),
+            head_pos: Vec::with_capacity(rows),
             lo: Vec::with_capacity(rows),
             hi_key: Vec::with_capacity(rows),
         };
         for row in r0..r0 + rows {
             let (i, gi) = (row / g, row % g);
             let (lo, hi) = p.visible_keys(i);
-            r.hi.push((kvh * g + gi, i));
+            r.head_pos.push((kvh * g + gi, i));
             r.lo.push(lo);
             // Rows are ordered by query position, so lo and hi are non-decreasing.
             r.hi_key.push(hi.min(valid).max(lo));
@@ -122,7 +124,7 @@ fn run_impl(
     t: usize,
 ) -> Result<()> {
     let rows = Rows::new(plan, p, inp, t);
-    let n = rows.hi.len();
+    let n = rows.head_pos.len();
     let (d, dv, bc) = (p.head_dim, p.v_head_dim, plan.block_keys);
     let (b, kvh) = (rows.b, rows.kvh);
     let mut s = Scratch {
@@ -144,7 +146,7 @@ fn run_impl(
     s.st = vec![0.0; bc * ld];
     s.block_max = vec![f32::NEG_INFINITY; ld];
     let qs = p.q_strides;
-    for (r, &(h, i)) in rows.hi.iter().enumerate() {
+    for (r, &(h, i)) in rows.head_pos.iter().enumerate() {
         let row = &mut s.row[..d];
         load_row(inp.q, b * qs[0] + h * qs[1] + i * qs[2], qs[3], row);
         for (dd, &x) in row.iter().enumerate() {
@@ -234,7 +236,7 @@ fn run_impl(
         }
         if let (Some(desc), Some(mask)) = (&p.mask, inp.mask) {
             let ms = desc.strides;
-            for (r, &(h, i)) in rows.hi.iter().enumerate() {
+            for (r, &(h, i)) in rows.head_pos.iter().enumerate() {
                 let terms = &mut s.row[..nk];
                 let off = b * ms[0] + h * ms[1] + i * ms[2] + j0 * ms[3];
                 load_mask_row(mask, off, ms[3], terms);
@@ -296,7 +298,7 @@ fn write_out(p: &AttentionProblem, rows: &Rows, o: &[f32], l: &[f32], out: &OutP
     let dv = p.v_head_dim;
     let os = p.out_strides;
     let mut tmp = vec![0.0f32; dv];
-    for (r, &(h, i)) in rows.hi.iter().enumerate() {
+    for (r, &(h, i)) in rows.head_pos.iter().enumerate() {
         let sum = l.get(r).copied().unwrap_or(0.0);
         let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
         for (t, &x) in tmp.iter_mut().zip(&o[r * dv..(r + 1) * dv]) {
