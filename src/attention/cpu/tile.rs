@@ -98,17 +98,48 @@ impl Rows {
     }
 }
 
+/// An f32 buffer whose first element sits on a 64-byte boundary, so that rows of a multiple of
+/// 16 floats never split a cache line under 512-bit loads and stores.
+#[derive(Default)]
+struct Aligned {
+    buf: Vec<f32>,
+    off: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(len: usize, value: f32) -> Aligned {
+        let buf = vec![value; len + 16];
+        // Floats to skip to reach the next 64-byte boundary (f32 is 4-byte aligned).
+        let off = buf.as_ptr().align_offset(64).min(15);
+        Aligned { buf, off, len }
+    }
+}
+
+impl std::ops::Deref for Aligned {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.buf[self.off..self.off + self.len]
+    }
+}
+
+impl std::ops::DerefMut for Aligned {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.buf[self.off..self.off + self.len]
+    }
+}
+
 /// Scratch tiles of one task.
 struct Scratch {
     /// Qᵀ, scaled: `head_dim × ld`.
-    qt: Vec<f32>,
+    qt: Aligned,
     /// Sᵀ, then Pᵀ: `block_keys × ld`.
-    st: Vec<f32>,
+    st: Aligned,
     /// Output accumulator: `rows × v_head_dim`.
-    o: Vec<f32>,
+    o: Aligned,
     /// K and V blocks widened to f32 when they cannot be read in place.
-    kbuf: Vec<f32>,
-    vbuf: Vec<f32>,
+    kbuf: Aligned,
+    vbuf: Aligned,
     /// One mask row or one input row.
     row: Vec<f32>,
     /// Column maxima of the current score block.
@@ -128,11 +159,11 @@ fn run_impl(
     let (d, dv, bc) = (p.head_dim, p.v_head_dim, plan.block_keys);
     let (b, kvh) = (rows.b, rows.kvh);
     let mut s = Scratch {
-        qt: Vec::new(),
-        st: Vec::new(),
-        o: vec![0.0; n * dv],
-        kbuf: Vec::new(),
-        vbuf: Vec::new(),
+        qt: Aligned::default(),
+        st: Aligned::default(),
+        o: Aligned::new(n * dv, 0.0),
+        kbuf: Aligned::default(),
+        vbuf: Aligned::default(),
         row: vec![0.0; d.max(dv).max(bc)],
         block_max: Vec::new(),
     };
@@ -142,8 +173,8 @@ fn run_impl(
     };
     // Row stride of Qᵀ and Sᵀ, rounded up to whole 16-lane vectors.
     let ld = n.next_multiple_of(LANES);
-    s.qt = vec![0.0; d * ld];
-    s.st = vec![0.0; bc * ld];
+    s.qt = Aligned::new(d * ld, 0.0);
+    s.st = Aligned::new(bc * ld, 0.0);
     s.block_max = vec![f32::NEG_INFINITY; ld];
     let qs = p.q_strides;
     for (r, &(h, i)) in rows.head_pos.iter().enumerate() {
@@ -163,10 +194,10 @@ fn run_impl(
         _ => None,
     };
     if k_direct.is_none() {
-        s.kbuf = vec![0.0; bc * d];
+        s.kbuf = Aligned::new(bc * d, 0.0);
     }
     if v_direct.is_none() {
-        s.vbuf = vec![0.0; bc * dv];
+        s.vbuf = Aligned::new(bc * dv, 0.0);
     }
     let mut state = RowState::new(ld);
     let last = n - 1;
