@@ -1,9 +1,13 @@
 //! The `flash-ort` command line: flags, help and exit codes only; the work lives in the library.
+//! Exit codes: 0 success, 1 `verify` found a mismatch, 2 error.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+
+use flash_ort::{fuse, graph, verify};
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +24,55 @@ struct Cli {
 enum Command {
     /// Print the version and the path of the operator library (libflash_ort.so) to register with ORT.
     Version,
+    /// Rewrite every attention site of IN into com.flash.FlashAttention and write OUT.
+    #[command(
+        long_about = "Rewrite every attention site of IN into one com.flash.FlashAttention node each and \
+        write OUT. Sites that fail a check are left as they were; the summary says why. External-data \
+        weights are never loaded: OUT references the same files (linked beside OUT when it is written \
+        to another folder)."
+    )]
+    Fuse {
+        input: PathBuf,
+        /// Where to write the rewritten model.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Run IN and OUT in ONNX Runtime on generated inputs and compare (exit 1 on mismatch).
+        #[arg(long)]
+        verify: bool,
+        /// Write the per-site report as JSON.
+        #[arg(long, value_name = "FILE.json")]
+        report: Option<PathBuf>,
+        /// Max abs error `--verify` accepts for float32 outputs (float16 gets 100×).
+        #[arg(long, default_value_t = 1e-4)]
+        tolerance: f64,
+    },
+    /// List every attention site of a model: fusable or not, and why.
+    Inspect {
+        input: PathBuf,
+        /// Print the report as JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Also list, on stderr, the ops whose output shapes could not be inferred (why a site
+        /// may say rank-unknown).
+        #[arg(long)]
+        debug_shapes: bool,
+    },
+    /// Run A and B in ONNX Runtime on the same generated inputs; report max abs/rel error per output.
+    Verify {
+        a: PathBuf,
+        b: PathBuf,
+        /// Max abs error accepted for float32 outputs (float16 gets 100×).
+        #[arg(long, default_value_t = 1e-4)]
+        tolerance: f64,
+        /// Operator library to register (default: libflash_ort.so beside this binary).
+        #[arg(long)]
+        library: Option<PathBuf>,
+        /// Print the comparison as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the skip reason codes and what they mean.
+    Codes,
 }
 
 /// The operator library built beside this binary (cargo puts both in the same target folder).
@@ -29,8 +82,29 @@ fn library_path() -> Option<PathBuf> {
     candidate.exists().then_some(candidate)
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
+fn run_verify(
+    a: &Path,
+    b: &Path,
+    tolerance: f64,
+    library: Option<PathBuf>,
+    json: bool,
+) -> Result<bool> {
+    let opts = verify::Options {
+        tolerance,
+        op_lib: library,
+        ..Default::default()
+    };
+    let rep = verify::verify(a, b, &opts)
+        .with_context(|| format!("verifying {} against {}", b.display(), a.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    } else {
+        print!("{}", rep.human());
+    }
+    Ok(rep.ok)
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Version => {
             println!("flash-ort {}", env!("CARGO_PKG_VERSION"));
@@ -40,7 +114,80 @@ fn main() -> ExitCode {
                     "library: not found beside this binary (build with `cargo build --release`)"
                 ),
             }
-            ExitCode::SUCCESS
+        }
+        Command::Fuse {
+            input,
+            output,
+            verify,
+            report,
+            tolerance,
+        } => {
+            let mut loaded = graph::load_model(&input)?;
+            let rep = fuse::fuse_model(&mut loaded.model, true);
+            graph::save_model(&loaded.model, &output, &loaded)?;
+            print!("{}", rep.human());
+            if rep.fused == 0 {
+                println!(
+                    "nothing fused; `flash-ort inspect {}` lists each site's reason",
+                    input.display()
+                );
+            }
+            if let Some(path) = report {
+                std::fs::write(&path, serde_json::to_string_pretty(&rep)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            println!("wrote {}", output.display());
+            if verify && !run_verify(&input, &output, tolerance, None, false)? {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Inspect {
+            input,
+            json,
+            debug_shapes,
+        } => {
+            let mut loaded = graph::load_model(&input)?;
+            if debug_shapes {
+                if let Some(g) = loaded.model.graph.as_ref() {
+                    for (op, n, first) in graph::view::GraphView::new(g, None).unknown_shapes() {
+                        eprintln!("shape unknown: {n:>4} output(s) of {op} (first: {first})");
+                    }
+                }
+            }
+            let rep = fuse::fuse_model(&mut loaded.model, false);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rep)?);
+            } else {
+                print!("{}", rep.human());
+            }
+        }
+        Command::Verify {
+            a,
+            b,
+            tolerance,
+            library,
+            json,
+        } => {
+            if !run_verify(&a, &b, tolerance, library, json)? {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Codes => {
+            for (code, what) in fuse::reason::CODES {
+                println!("{code:<36} {what}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("flash-ort: {e:#}");
+            ExitCode::from(2)
         }
     }
 }

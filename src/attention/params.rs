@@ -251,10 +251,10 @@ impl AttentionProblem {
 
     /// Effective right window: causal clamps it to 0.
     pub fn effective_window_right(&self) -> Option<usize> {
-        match (self.is_causal, self.window_right) {
-            (true, Some(w)) => Some(w.min(0)),
-            (true, None) => Some(0),
-            (false, w) => w,
+        if self.is_causal {
+            Some(0)
+        } else {
+            self.window_right
         }
     }
 

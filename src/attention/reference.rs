@@ -116,3 +116,96 @@ pub fn attention_f64(p: &AttentionProblem, inp: &CpuInputs) -> Vec<f64> {
     }
     out
 }
+
+/// Naive attention carried out in the problem's own element type, the way an eager framework
+/// runs it in fp16/bf16: each intermediate (scores, scaled, softcapped, masked, probabilities,
+/// output) is rounded to that type, products are accumulated in f32. The fp16/bf16 acceptance
+/// criterion compares the kernel's error against this computation's error (both against
+/// [`attention_f64`]). For f32 problems it is a plain f32 computation.
+pub fn attention_in_dtype(p: &AttentionProblem, inp: &CpuInputs) -> Vec<f64> {
+    use super::DType;
+    use half::{bf16, f16};
+    let round = |x: f32| -> f32 {
+        match p.dtype {
+            DType::F32 => x,
+            DType::F16 => f16::from_f32(x).to_f32(),
+            DType::BF16 => bf16::from_f32(x).to_f32(),
+        }
+    };
+    let out_len = super::extent([p.batch, p.q_heads, p.q_len, p.v_head_dim], p.out_strides);
+    let mut out = vec![0.0f64; out_len];
+    let mut scores = vec![0.0f32; p.kv_len];
+    let mut visible = vec![false; p.kv_len];
+    for b in 0..p.batch {
+        for h in 0..p.q_heads {
+            let kvh = p.kv_head_of(h);
+            for i in 0..p.q_len {
+                let mut max = f32::NEG_INFINITY;
+                for j in 0..p.kv_len {
+                    visible[j] = false;
+                    let Some(add) = mask_term(p, inp, b, h, i, j) else {
+                        continue;
+                    };
+                    let mut dot = 0.0f32;
+                    for d in 0..p.head_dim {
+                        let qv = inp.q.get_f32(
+                            b * p.q_strides[0]
+                                + h * p.q_strides[1]
+                                + i * p.q_strides[2]
+                                + d * p.q_strides[3],
+                        );
+                        let kv = inp.k.get_f32(
+                            b * inp.k_strides[0]
+                                + kvh * inp.k_strides[1]
+                                + j * inp.k_strides[2]
+                                + d * inp.k_strides[3],
+                        );
+                        dot += qv * kv;
+                    }
+                    let mut s = round(round(dot) * p.scale);
+                    if p.softcap > 0.0 {
+                        s = round(p.softcap * (s / p.softcap).tanh());
+                    }
+                    s = round(s + add as f32);
+                    scores[j] = s;
+                    visible[j] = true;
+                    max = max.max(s);
+                }
+                if max == f32::NEG_INFINITY {
+                    continue;
+                }
+                let mut sum = 0.0f32;
+                for j in 0..p.kv_len {
+                    if visible[j] {
+                        scores[j] = (scores[j] - max).exp();
+                        sum += scores[j];
+                    }
+                }
+                for j in 0..p.kv_len {
+                    if visible[j] {
+                        scores[j] = round(scores[j] / sum);
+                    }
+                }
+                for dv in 0..p.v_head_dim {
+                    let mut acc = 0.0f32;
+                    for j in 0..p.kv_len {
+                        if visible[j] {
+                            let vv = inp.v.get_f32(
+                                b * inp.v_strides[0]
+                                    + kvh * inp.v_strides[1]
+                                    + j * inp.v_strides[2]
+                                    + dv * inp.v_strides[3],
+                            );
+                            acc += scores[j] * vv;
+                        }
+                    }
+                    out[b * p.out_strides[0]
+                        + h * p.out_strides[1]
+                        + i * p.out_strides[2]
+                        + dv * p.out_strides[3]] = round(acc) as f64;
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,1 +1,180 @@
-//! placeholder module: owned by the rewrite-tool work (issue 3).
+//! Finding attention sites, checking them and rewriting each into one `com.flash.FlashAttention`
+//! node. Every Softmax and every ONNX `Attention` node is a candidate site; each ends fused or
+//! skipped with a reason. Main graph, subgraphs (If/Loop/Scan bodies) and functions are searched.
+
+pub mod causal;
+pub mod decomposed;
+pub mod mask;
+pub mod plan;
+pub mod reason;
+pub mod report;
+pub mod rewrite;
+pub mod standard;
+
+use std::collections::HashSet;
+
+use crate::graph::onnx::{GraphProto, ModelProto, OperatorSetIdProto, ValueInfoProto};
+use crate::graph::shapes::Infos;
+use crate::graph::view::{is_op, node_label, GraphView};
+pub use plan::{DOMAIN, OP_TYPE};
+pub use reason::Skip;
+pub use report::{Report, SiteReport};
+
+/// Finds every site; rewrites the fusable ones when `apply` is true (else only reports).
+pub fn fuse_model(model: &mut ModelProto, apply: bool) -> Report {
+    let opset = opset_of(&model.opset_import, "");
+    let mut report = Report::default();
+    if let Some(g) = model.graph.as_mut() {
+        fuse_graph(g, "main", opset, None, apply, &mut report);
+    }
+    let mut fused_in_functions = Vec::new();
+    for (fi, f) in model.functions.iter_mut().enumerate() {
+        let fopset = match opset_of(&f.opset_import, "") {
+            0 => opset,
+            o => o,
+        };
+        // A function body is searched as a graph whose inputs have unknown types.
+        let mut g = GraphProto {
+            node: std::mem::take(&mut f.node),
+            input: f
+                .input
+                .iter()
+                .map(|n| ValueInfoProto {
+                    name: Some(n.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            output: f
+                .output
+                .iter()
+                .map(|n| ValueInfoProto {
+                    name: Some(n.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let before = report.fused;
+        let path = format!("function:{}", f.name.as_deref().unwrap_or("?"));
+        fuse_graph(&mut g, &path, fopset, None, apply, &mut report);
+        f.node = g.node;
+        if report.fused > before {
+            fused_in_functions.push(fi);
+        }
+    }
+    if apply && report.fused > 0 {
+        add_opset(&mut model.opset_import);
+        for fi in fused_in_functions {
+            add_opset(&mut model.functions[fi].opset_import);
+        }
+    }
+    report
+}
+
+/// The version imported for `domain` ("" = default ONNX domain), 0 if none.
+pub fn opset_of(imports: &[OperatorSetIdProto], domain: &str) -> i64 {
+    imports
+        .iter()
+        .find(|o| {
+            o.domain.as_deref().unwrap_or("") == domain
+                || (domain.is_empty() && o.domain.as_deref() == Some("ai.onnx"))
+        })
+        .and_then(|o| o.version)
+        .unwrap_or(0)
+}
+
+fn add_opset(imports: &mut Vec<OperatorSetIdProto>) {
+    if !imports.iter().any(|o| o.domain.as_deref() == Some(DOMAIN)) {
+        imports.push(OperatorSetIdProto {
+            domain: Some(DOMAIN.into()),
+            version: Some(1),
+        });
+    }
+}
+
+fn fuse_graph(
+    g: &mut GraphProto,
+    path: &str,
+    opset: i64,
+    outer: Option<&Infos>,
+    apply: bool,
+    report: &mut Report,
+) {
+    let (plans, infos) = {
+        let view = GraphView::new(g, outer);
+        let mut names = plan::Names::new(g);
+        let mut claimed: HashSet<usize> = HashSet::new();
+        let mut plans = Vec::new();
+        for i in 0..g.node.len() {
+            let n = view.node(i);
+            let (kind, result) = if is_op(n, "Softmax") {
+                (
+                    "decomposed",
+                    decomposed::match_softmax(&view, i, opset, &mut names),
+                )
+            } else if is_op(n, "Attention") {
+                (
+                    "onnx-attention",
+                    standard::match_attention(&view, i, &mut names),
+                )
+            } else {
+                continue;
+            };
+            let result = result.and_then(|p| match p.remove.iter().find(|r| claimed.contains(r)) {
+                Some(&r) => Err(Skip::new(
+                    "node-claimed",
+                    node_label(view.node(r)),
+                    "already part of another site",
+                )),
+                None => Ok(p),
+            });
+            match result {
+                Ok(p) => {
+                    claimed.extend(p.remove.iter().copied());
+                    report
+                        .sites
+                        .push(SiteReport::fused(path, kind, &view, i, &p));
+                    report.fused += 1;
+                    plans.push(p);
+                }
+                Err(skip) => {
+                    report
+                        .sites
+                        .push(SiteReport::skipped(path, kind, node_label(n), skip));
+                    report.skipped += 1;
+                }
+            }
+        }
+        (plans, view.infos)
+    };
+    if apply && !plans.is_empty() {
+        rewrite::apply(g, &plans);
+    }
+    // Subgraphs see the outer graph's tensors.
+    for n in g.node.iter_mut() {
+        let label = node_label(n);
+        for a in n.attribute.iter_mut() {
+            let an = a.name.clone().unwrap_or_default();
+            if let Some(sub) = a.g.as_mut() {
+                fuse_graph(
+                    sub,
+                    &format!("{path}/{label}.{an}"),
+                    opset,
+                    Some(&infos),
+                    apply,
+                    report,
+                );
+            }
+            for (k, sub) in a.graphs.iter_mut().enumerate() {
+                fuse_graph(
+                    sub,
+                    &format!("{path}/{label}.{an}[{k}]"),
+                    opset,
+                    Some(&infos),
+                    apply,
+                    report,
+                );
+            }
+        }
+    }
+}

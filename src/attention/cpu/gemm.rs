@@ -1,0 +1,388 @@
+//! Register-blocked f32 GEMM micro-kernels for attention tiles: `C (m×n) (+)= A (m×k) · B (k×n)`,
+//! A read through arbitrary row/k strides (so K and the transposed P are used in place), B with
+//! unit column stride. AVX-512 intrinsics where the CPU has them, an auto-vectorized portable
+//! kernel elsewhere.
+
+use crate::{Error, Result};
+
+/// Instruction set the kernel runs with, detected once per call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+            {
+                return Isa::Avx512;
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    }
+}
+
+/// A read-only matrix operand: element (r, k) is `data[off + r * rs + k * ks]`.
+#[derive(Clone, Copy)]
+pub struct MatA<'a> {
+    pub data: &'a [f32],
+    pub off: usize,
+    pub rs: usize,
+    pub ks: usize,
+}
+
+/// A read-only matrix operand with unit column stride: element (k, c) is `data[off + k * ld + c]`.
+#[derive(Clone, Copy)]
+pub struct MatB<'a> {
+    pub data: &'a [f32],
+    pub off: usize,
+    pub ld: usize,
+}
+
+fn internal(what: &str) -> Error {
+    Error::Other(format!(
+        "internal error in the CPU attention kernel: {what}"
+    ))
+}
+
+/// `C[r*ldc + c] (+)= Σ_k A(r, k) · B(k, c)` for `r < m`, `c < n`. Checks every extent against
+/// the slices first, so the unsafe kernels below never read or write out of bounds.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatA,
+    b: MatB,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) -> Result<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if (m - 1) * ldc + n > c.len() || (m > 1 && n > ldc) {
+        return Err(internal("gemm output tile out of bounds"));
+    }
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                c[r * ldc..r * ldc + n].fill(0.0);
+            }
+        }
+        return Ok(());
+    }
+    if a.off + (m - 1) * a.rs + (k - 1) * a.ks >= a.data.len() {
+        return Err(internal("gemm operand A out of bounds"));
+    }
+    if b.off + (k - 1) * b.ld + n > b.data.len() {
+        return Err(internal("gemm operand B out of bounds"));
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            // SAFETY: the CPU supports AVX-512F (detected); extents were checked above.
+            unsafe { avx512::gemm(m, n, k, a, b, c, ldc, accumulate) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            // SAFETY: the CPU supports AVX2 and FMA (detected).
+            unsafe { gemm_portable_avx2(m, n, k, a, b, c, ldc, accumulate) }
+        }
+        _ => gemm_portable(m, n, k, a, b, c, ldc, accumulate),
+    }
+    Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_portable_avx2(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatA,
+    b: MatB,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    gemm_portable(m, n, k, a, b, c, ldc, accumulate)
+}
+
+/// Rows of C computed together by the portable kernel.
+const PORTABLE_MR: usize = 4;
+/// Columns of C computed together by the portable kernel.
+const PORTABLE_NR: usize = 32;
+
+/// Portable blocked kernel; plain loops over fixed-width accumulators that LLVM vectorizes for
+/// whatever the enclosing function's target features allow.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn gemm_portable(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatA,
+    b: MatB,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    let mut r0 = 0;
+    while r0 < m {
+        let mr = PORTABLE_MR.min(m - r0);
+        let mut c0 = 0;
+        while c0 < n {
+            let nr = PORTABLE_NR.min(n - c0);
+            let mut acc = [[0.0f32; PORTABLE_NR]; PORTABLE_MR];
+            for kk in 0..k {
+                let brow = &b.data[b.off + kk * b.ld + c0..][..nr];
+                for (r, acc_r) in acc.iter_mut().enumerate().take(mr) {
+                    let av = a.data[a.off + (r0 + r) * a.rs + kk * a.ks];
+                    for (x, &bv) in acc_r.iter_mut().zip(brow) {
+                        *x += av * bv;
+                    }
+                }
+            }
+            for (r, acc_r) in acc.iter().enumerate().take(mr) {
+                let crow = &mut c[(r0 + r) * ldc + c0..][..nr];
+                if accumulate {
+                    crow.iter_mut().zip(acc_r).for_each(|(c, a)| *c += a);
+                } else {
+                    crow.copy_from_slice(&acc_r[..nr]);
+                }
+            }
+            c0 += nr;
+        }
+        r0 += mr;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! AVX-512 micro-kernels: MR rows × NV vectors of 16 columns held in zmm registers, B rows
+    //! loaded with a lane mask on the last vector (masked loads do not fault, so no padding is
+    //! needed), A elements broadcast. MR ≤ 6 and NV ≤ 4 keep 24 accumulators + 4 B vectors +
+    //! 1 broadcast within the 32 registers.
+    use super::{MatA, MatB};
+    use std::arch::x86_64::*;
+
+    pub const MR: usize = 6;
+    pub const NV: usize = 4;
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: MatA,
+        b: MatB,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        let ap = a.data.as_ptr().add(a.off);
+        let bp = b.data.as_ptr().add(b.off);
+        let cp = c.as_mut_ptr();
+        let mut r0 = 0;
+        while r0 < m {
+            let mr = MR.min(m - r0);
+            let mut c0 = 0;
+            while c0 < n {
+                let cols = (16 * NV).min(n - c0);
+                let nv = cols.div_ceil(16);
+                let tail = cols - 16 * (nv - 1);
+                let last: __mmask16 = if tail == 16 {
+                    0xFFFF
+                } else {
+                    (1u16 << tail) - 1
+                };
+                let t = Tile {
+                    k,
+                    a: ap.add(r0 * a.rs),
+                    a_rs: a.rs,
+                    a_ks: a.ks,
+                    b: bp.add(c0),
+                    ldb: b.ld,
+                    c: cp.add(r0 * ldc + c0),
+                    ldc,
+                    last,
+                    accumulate,
+                };
+                dispatch(mr, nv, &t);
+                c0 += cols;
+            }
+            r0 += mr;
+        }
+    }
+
+    pub struct Tile {
+        k: usize,
+        a: *const f32,
+        a_rs: usize,
+        a_ks: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        last: __mmask16,
+        accumulate: bool,
+    }
+
+    macro_rules! dispatch_table {
+        ($mr:expr, $nv:expr, $t:expr; $(($m:literal, $v:literal)),*) => {
+            match ($mr, $nv) {
+                $(($m, $v) => kernel::<$m, $v>($t),)*
+                _ => {}
+            }
+        };
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn dispatch(mr: usize, nv: usize, t: &Tile) {
+        dispatch_table!(mr, nv, t;
+            (1, 1), (1, 2), (1, 3), (1, 4),
+            (2, 1), (2, 2), (2, 3), (2, 4),
+            (3, 1), (3, 2), (3, 3), (3, 4),
+            (4, 1), (4, 2), (4, 3), (4, 4),
+            (5, 1), (5, 2), (5, 3), (5, 4),
+            (6, 1), (6, 2), (6, 3), (6, 4))
+    }
+
+    /// One register tile. Lanes beyond the last column are neither loaded nor stored.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    unsafe fn kernel<const R: usize, const V: usize>(t: &Tile) {
+        let mask = |v: usize| if v + 1 == V { t.last } else { 0xFFFF };
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        if t.accumulate {
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                for (v, x) in acc_r.iter_mut().enumerate() {
+                    *x = _mm512_maskz_loadu_ps(mask(v), t.c.add(r * t.ldc + 16 * v));
+                }
+            }
+        }
+        let mut a = t.a;
+        let mut b = t.b;
+        for _ in 0..t.k {
+            let mut bv = [_mm512_setzero_ps(); V];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = _mm512_maskz_loadu_ps(mask(v), b.add(16 * v));
+            }
+            for acc_r in acc.iter_mut().take(R).enumerate() {
+                let (r, acc_r) = acc_r;
+                let av = _mm512_set1_ps(*a.add(r * t.a_rs));
+                for v in 0..V {
+                    acc_r[v] = _mm512_fmadd_ps(av, bv[v], acc_r[v]);
+                }
+            }
+            a = a.add(t.a_ks);
+            b = b.add(t.ldb);
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            for (v, x) in acc_r.iter().enumerate() {
+                _mm512_mask_storeu_ps(t.c.add(r * t.ldc + 16 * v), mask(v), *x);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, n: usize, k: usize, a: MatA, b: MatB, c: &mut [f32], ldc: usize) {
+        for r in 0..m {
+            for col in 0..n {
+                let mut s = 0.0f64;
+                for kk in 0..k {
+                    s += a.data[a.off + r * a.rs + kk * a.ks] as f64
+                        * b.data[b.off + kk * b.ld + col] as f64;
+                }
+                c[r * ldc + col] += s as f32;
+            }
+        }
+    }
+
+    #[test]
+    fn every_isa_matches_naive_on_odd_shapes() {
+        let isas = [Isa::detect(), Isa::Portable];
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (7, 17, 5),
+            (13, 70, 33),
+            (6, 64, 64),
+            (64, 80, 3),
+        ] {
+            let a: Vec<f32> = (0..m * k * 2 + 3)
+                .map(|x| ((x * 7 % 13) as f32) - 6.0)
+                .collect();
+            let b: Vec<f32> = (0..k * (n + 5) + 1)
+                .map(|x| ((x * 5 % 11) as f32) * 0.5)
+                .collect();
+            // A transposed in memory: element (r, kk) at 1 + kk * (m + 1) + r.
+            let ma = MatA {
+                data: &a,
+                off: 1,
+                rs: 1,
+                ks: m + 1,
+            };
+            let mb = MatB {
+                data: &b,
+                off: 1,
+                ld: n + 5,
+            };
+            let ldc = n + 3;
+            let mut want = vec![1.0f32; m * ldc];
+            naive(m, n, k, ma, mb, &mut want, ldc);
+            for isa in isas {
+                let mut c = vec![1.0f32; m * ldc];
+                gemm(isa, m, n, k, ma, mb, &mut c, ldc, true).unwrap();
+                assert_eq!(c, want, "{isa:?} {m}x{n}x{k}");
+                let mut c2 = vec![7.0f32; m * ldc];
+                gemm(isa, m, n, k, ma, mb, &mut c2, ldc, false).unwrap();
+                for r in 0..m {
+                    for col in 0..n {
+                        assert_eq!(c2[r * ldc + col] + 1.0, want[r * ldc + col]);
+                    }
+                    for col in n..ldc {
+                        assert_eq!(c2[r * ldc + col], 7.0, "lanes past n untouched");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn out_of_bounds_operands_are_errors() {
+        let a = vec![0.0f32; 4];
+        let b = vec![0.0f32; 4];
+        let mut c = vec![0.0f32; 4];
+        let ma = MatA {
+            data: &a,
+            off: 0,
+            rs: 2,
+            ks: 1,
+        };
+        let mb = MatB {
+            data: &b,
+            off: 0,
+            ld: 2,
+        };
+        assert!(gemm(Isa::detect(), 2, 2, 2, ma, mb, &mut c, 2, false).is_ok());
+        assert!(gemm(Isa::detect(), 3, 2, 2, ma, mb, &mut c, 2, false).is_err());
+        assert!(gemm(Isa::detect(), 2, 2, 3, ma, mb, &mut c, 2, false).is_err());
+    }
+}

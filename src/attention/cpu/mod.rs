@@ -1,0 +1,185 @@
+//! The CPU kernel: FlashAttention-2 over tiles of query rows against blocks of keys/values,
+//! fanned out over (batch, KV head, query-row block) tasks through [`ParallelFor`].
+//!
+//! Design, per task (see [`tile`]): the task's query rows — all query heads sharing one KV head,
+//! so GQA/MQA read each K/V block once for the whole group — are packed once as `Qᵀ` (scaled,
+//! f32). For each block of keys the kernel computes the transposed scores `Sᵀ = K·Qᵀ` with a
+//! register-blocked GEMM ([`gemm`]) reading K in place, applies softcap and masks (only on blocks
+//! that straddle a causal/window/padding boundary, plus `attn_mask` when given), updates the
+//! running max and sum per query in fp32 ([`softmax`]), rescales the output accumulator and adds
+//! `P·V`, again with the GEMM reading V in place. One normalization at the end; no buffer larger
+//! than a tile. fp16/bf16 blocks are widened to f32 tiles first.
+
+mod convert;
+mod gemm;
+mod softmax;
+mod tile;
+
+pub use gemm::Isa;
+
+use super::{check_buffers, AttentionProblem, CpuInputs, ElemsMut, ParallelFor};
+use crate::{Error, Result};
+use half::{bf16, f16};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Mutex;
+
+/// Query rows per task. 64 rows amortize the K/V reads over enough FMAs while `Qᵀ`, the score
+/// tile and the output accumulator stay in L2 (Sapphire Rapids, 2 MB L2 per core).
+const BLOCK_ROWS: usize = 64;
+/// Keys per block: the score tile is `BLOCK_KEYS × BLOCK_ROWS` f32.
+const BLOCK_KEYS: usize = 64;
+
+/// How one call is cut into tasks.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    pub isa: Isa,
+    /// Query rows per task (rows are (query, head-in-group) pairs).
+    pub block_rows: usize,
+    pub block_keys: usize,
+    /// Query heads per KV head.
+    pub group: usize,
+    /// Row blocks per (batch, KV head).
+    pub row_blocks: usize,
+    pub tasks: usize,
+}
+
+impl Plan {
+    pub fn new(p: &AttentionProblem, isa: Isa) -> Plan {
+        let group = p.group_size();
+        let rows = p.q_len * group;
+        let row_blocks = rows.div_ceil(BLOCK_ROWS);
+        Plan {
+            isa,
+            block_rows: BLOCK_ROWS,
+            block_keys: BLOCK_KEYS,
+            group,
+            row_blocks,
+            tasks: p.batch * p.kv_heads * row_blocks,
+        }
+    }
+}
+
+/// Y's memory shared by all tasks; each task writes only its own rows.
+enum OutPtr {
+    F32(*mut f32, usize),
+    F16(*mut f16, usize),
+    BF16(*mut bf16, usize),
+}
+
+// SAFETY: tasks write disjoint (batch, head, query) rows of Y (distinct tasks own distinct rows
+// and the validated output strides are injective), so sharing the pointer across threads is
+// race-free; the buffer outlives `attention`'s `for_each`, which returns only after every task.
+unsafe impl Sync for OutPtr {}
+unsafe impl Send for OutPtr {}
+
+impl OutPtr {
+    fn new(out: ElemsMut) -> OutPtr {
+        match out {
+            ElemsMut::F32(s) => OutPtr::F32(s.as_mut_ptr(), s.len()),
+            ElemsMut::F16(s) => OutPtr::F16(s.as_mut_ptr(), s.len()),
+            ElemsMut::BF16(s) => OutPtr::BF16(s.as_mut_ptr(), s.len()),
+        }
+    }
+
+    /// Stores one output row (`row.len()` elements from `off`, `stride` apart), rounding to
+    /// the output type.
+    fn write_row(&self, off: usize, stride: usize, row: &[f32]) -> Result<()> {
+        let n = row.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let len = match *self {
+            OutPtr::F32(_, l) | OutPtr::F16(_, l) | OutPtr::BF16(_, l) => l,
+        };
+        if off + (n - 1) * stride >= len {
+            return Err(Error::Other(
+                "internal error in the CPU attention kernel: output row out of bounds".into(),
+            ));
+        }
+        // SAFETY: in bounds (checked above), and no other task touches this row (see `Sync`).
+        unsafe {
+            match *self {
+                OutPtr::F32(p, _) if stride == 1 => {
+                    std::slice::from_raw_parts_mut(p.add(off), n).copy_from_slice(row)
+                }
+                OutPtr::F16(p, _) if stride == 1 => {
+                    convert::store_f16(row, std::slice::from_raw_parts_mut(p.add(off), n))
+                }
+                OutPtr::BF16(p, _) if stride == 1 => {
+                    convert::store_bf16(row, std::slice::from_raw_parts_mut(p.add(off), n))
+                }
+                OutPtr::F32(p, _) => {
+                    for (d, &x) in row.iter().enumerate() {
+                        *p.add(off + d * stride) = x;
+                    }
+                }
+                OutPtr::F16(p, _) => {
+                    for (d, &x) in row.iter().enumerate() {
+                        *p.add(off + d * stride) = f16::from_f32(x);
+                    }
+                }
+                OutPtr::BF16(p, _) => {
+                    for (d, &x) in row.iter().enumerate() {
+                        *p.add(off + d * stride) = bf16::from_f32(x);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Computes Y for a validated problem. `out` is Y in the problem's output layout.
+pub fn attention(
+    p: &AttentionProblem,
+    inp: &CpuInputs,
+    out: ElemsMut,
+    par: &dyn ParallelFor,
+) -> Result<()> {
+    attention_with(p, inp, out, par, Isa::detect())
+}
+
+/// [`attention`] with a chosen instruction set (tests use it to cover every code path; an ISA
+/// the CPU lacks falls back to the best available one).
+pub fn attention_with(
+    p: &AttentionProblem,
+    inp: &CpuInputs,
+    out: ElemsMut,
+    par: &dyn ParallelFor,
+    isa: Isa,
+) -> Result<()> {
+    check_buffers(p, inp, out.len(), out.dtype())?;
+    let best = Isa::detect();
+    let isa = match (isa, best) {
+        (Isa::Portable, _) => Isa::Portable,
+        (Isa::Avx2, Isa::Avx512 | Isa::Avx2) => Isa::Avx2,
+        _ => best,
+    };
+    let plan = Plan::new(p, isa);
+    if plan.tasks == 0 {
+        return Ok(());
+    }
+    let out = OutPtr::new(out);
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    par.for_each(plan.tasks, &|t| {
+        // A panic here would be a kernel bug; it must not unwind into ORT's thread pool.
+        let err = match catch_unwind(AssertUnwindSafe(|| tile::run(&plan, p, inp, &out, t))) {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e,
+            Err(_) => Error::Other(format!(
+                "internal error in the CPU attention kernel: task {t} of {} panicked",
+                plan.tasks
+            )),
+        };
+        if let Ok(mut slot) = failure.lock() {
+            slot.get_or_insert(err);
+        }
+    });
+    match failure.into_inner() {
+        Ok(None) => Ok(()),
+        Ok(Some(e)) => Err(e),
+        Err(_) => Err(Error::Other(
+            "internal error in the CPU attention kernel: error slot poisoned".into(),
+        )),
+    }
+}

@@ -1,0 +1,297 @@
+//! One task of the CPU kernel: a block of query rows (query position × head within one GQA
+//! group) against every visible block of keys, FlashAttention-2 style.
+
+use super::convert::{load_mask_row, load_row};
+use super::gemm::{gemm, Isa, MatA, MatB};
+use super::softmax::{softcap, RowState};
+use super::{OutPtr, Plan};
+use crate::attention::{AttentionProblem, CpuInputs, Elems};
+use crate::Result;
+
+/// Runs task `t` with the instruction set the plan chose.
+pub fn run(
+    plan: &Plan,
+    p: &AttentionProblem,
+    inp: &CpuInputs,
+    out: &OutPtr,
+    t: usize,
+) -> Result<()> {
+    match plan.isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Plan::isa` only names instruction sets the CPU reported.
+        Isa::Avx512 => unsafe { run_avx512(plan, p, inp, out, t) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { run_avx2(plan, p, inp, out, t) },
+        _ => run_impl(plan, p, inp, out, t),
+    }
+}
+
+// The same body compiled per instruction set, so the element-wise loops (exp, max, sums,
+// conversions) are vectorized for the widest registers available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn run_avx512(
+    plan: &Plan,
+    p: &AttentionProblem,
+    inp: &CpuInputs,
+    out: &OutPtr,
+    t: usize,
+) -> Result<()> {
+    run_impl(plan, p, inp, out, t)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn run_avx2(
+    plan: &Plan,
+    p: &AttentionProblem,
+    inp: &CpuInputs,
+    out: &OutPtr,
+    t: usize,
+) -> Result<()> {
+    run_impl(plan, p, inp, out, t)
+}
+
+/// Which (batch, KV head, rows) a task covers, and where each row's keys start and end.
+struct Rows {
+    b: usize,
+    kvh: usize,
+    /// (query head, query position) per row.
+    hi: Vec<(usize, usize)>,
+    /// Visible keys of each row: `lo[r]..hi[r]` (causal/window/padding; empty when equal).
+    lo: Vec<usize>,
+    hi_key: Vec<usize>,
+}
+
+impl Rows {
+    fn new(plan: &Plan, p: &AttentionProblem, inp: &CpuInputs, t: usize) -> Rows {
+        let rb = t % plan.row_blocks;
+        let bk = t / plan.row_blocks;
+        let (b, kvh) = (bk / p.kv_heads, bk % p.kv_heads);
+        let g = plan.group;
+        let r0 = rb * plan.block_rows;
+        let rows = plan.block_rows.min(p.q_len * g - r0);
+        // Keys at or past nonpad_kv_seqlen[b] are padding (validated: 0 ≤ n ≤ kv_len).
+        let valid = inp
+            .nonpad_kv_seqlen
+            .and_then(|n| n.get(b))
+            .map_or(p.kv_len, |&n| (n.max(0) as usize).min(p.kv_len));
+        let mut r = Rows {
+            b,
+            kvh,
+            hi: Vec::with_capacity(rows),
+            lo: Vec::with_capacity(rows),
+            hi_key: Vec::with_capacity(rows),
+        };
+        for row in r0..r0 + rows {
+            let (i, gi) = (row / g, row % g);
+            let (lo, hi) = p.visible_keys(i);
+            r.hi.push((kvh * g + gi, i));
+            r.lo.push(lo);
+            // Rows are ordered by query position, so lo and hi are non-decreasing.
+            r.hi_key.push(hi.min(valid).max(lo));
+        }
+        r
+    }
+}
+
+/// Scratch tiles of one task.
+struct Scratch {
+    /// Qᵀ, scaled: `head_dim × ld`.
+    qt: Vec<f32>,
+    /// Sᵀ, then Pᵀ: `block_keys × ld`.
+    st: Vec<f32>,
+    /// Output accumulator: `rows × v_head_dim`.
+    o: Vec<f32>,
+    /// K and V blocks widened to f32 when they cannot be read in place.
+    kbuf: Vec<f32>,
+    vbuf: Vec<f32>,
+    /// One mask row or one input row.
+    row: Vec<f32>,
+}
+
+#[inline(always)]
+fn run_impl(
+    plan: &Plan,
+    p: &AttentionProblem,
+    inp: &CpuInputs,
+    out: &OutPtr,
+    t: usize,
+) -> Result<()> {
+    let rows = Rows::new(plan, p, inp, t);
+    let n = rows.hi.len();
+    let (d, dv, bc) = (p.head_dim, p.v_head_dim, plan.block_keys);
+    let (b, kvh) = (rows.b, rows.kvh);
+    let mut s = Scratch {
+        qt: Vec::new(),
+        st: Vec::new(),
+        o: vec![0.0; n * dv],
+        kbuf: Vec::new(),
+        vbuf: Vec::new(),
+        row: vec![0.0; d.max(dv).max(bc)],
+    };
+    let (j_start, j_end) = match (rows.lo.first(), rows.hi_key.last()) {
+        (Some(&lo), Some(&hi)) if hi > lo => (lo, hi),
+        _ => return write_out(p, &rows, &s.o, &[], out),
+    };
+    // Row stride of Qᵀ and Sᵀ, rounded up to whole 16-lane vectors.
+    let ld = n.next_multiple_of(16);
+    s.qt = vec![0.0; d * ld];
+    s.st = vec![0.0; bc * ld];
+    let qs = p.q_strides;
+    for (r, &(h, i)) in rows.hi.iter().enumerate() {
+        let row = &mut s.row[..d];
+        load_row(inp.q, b * qs[0] + h * qs[1] + i * qs[2], qs[3], row);
+        for (dd, &x) in row.iter().enumerate() {
+            s.qt[dd * ld + r] = x * p.scale;
+        }
+    }
+    let (ks, vs) = (inp.k_strides, inp.v_strides);
+    let k_direct = match inp.k {
+        Elems::F32(k) => Some(k),
+        _ => None,
+    };
+    let v_direct = match inp.v {
+        Elems::F32(v) if vs[3] == 1 => Some(v),
+        _ => None,
+    };
+    if k_direct.is_none() {
+        s.kbuf = vec![0.0; bc * d];
+    }
+    if v_direct.is_none() {
+        s.vbuf = vec![0.0; bc * dv];
+    }
+    let mut state = RowState::new(n);
+    let last = n - 1;
+    let mut j0 = j_start;
+    while j0 < j_end {
+        let nk = bc.min(j_end - j0);
+        let k_off = b * ks[0] + kvh * ks[1] + j0 * ks[2];
+        let a = match k_direct {
+            Some(k) => MatA {
+                data: k,
+                off: k_off,
+                rs: ks[2],
+                ks: ks[3],
+            },
+            None => {
+                for j in 0..nk {
+                    load_row(
+                        inp.k,
+                        k_off + j * ks[2],
+                        ks[3],
+                        &mut s.kbuf[j * d..(j + 1) * d],
+                    );
+                }
+                MatA {
+                    data: &s.kbuf,
+                    off: 0,
+                    rs: d,
+                    ks: 1,
+                }
+            }
+        };
+        gemm(
+            plan.isa,
+            nk,
+            n,
+            d,
+            a,
+            MatB {
+                data: &s.qt,
+                off: 0,
+                ld,
+            },
+            &mut s.st,
+            ld,
+            false,
+        )?;
+        if p.softcap > 0.0 {
+            softcap(&mut s.st, ld, nk, n, p.softcap);
+        }
+        // Only blocks straddling some row's visible range need per-element masking.
+        if j0 < rows.lo[last] || j0 + nk > rows.hi_key[0] {
+            for r in 0..n {
+                let lo = rows.lo[r].clamp(j0, j0 + nk);
+                let hi = rows.hi_key[r].clamp(lo, j0 + nk);
+                for j in (j0..lo).chain(hi..j0 + nk) {
+                    s.st[(j - j0) * ld + r] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        if let (Some(desc), Some(mask)) = (&p.mask, inp.mask) {
+            let ms = desc.strides;
+            for (r, &(h, i)) in rows.hi.iter().enumerate() {
+                let terms = &mut s.row[..nk];
+                load_mask_row(
+                    mask,
+                    b * ms[0] + h * ms[1] + i * ms[2] + j0 * ms[3],
+                    ms[3],
+                    terms,
+                );
+                for (j, &m) in terms.iter().enumerate() {
+                    s.st[j * ld + r] += m;
+                }
+            }
+        }
+        state.update(&mut s.st, ld, nk, n);
+        for (r, &alpha) in state.alpha.iter().enumerate().take(n) {
+            if alpha != 1.0 {
+                s.o[r * dv..(r + 1) * dv]
+                    .iter_mut()
+                    .for_each(|x| *x *= alpha);
+            }
+        }
+        let v_off = b * vs[0] + kvh * vs[1] + j0 * vs[2];
+        let bmat = match v_direct {
+            Some(v) => MatB {
+                data: v,
+                off: v_off,
+                ld: vs[2],
+            },
+            None => {
+                for j in 0..nk {
+                    load_row(
+                        inp.v,
+                        v_off + j * vs[2],
+                        vs[3],
+                        &mut s.vbuf[j * dv..(j + 1) * dv],
+                    );
+                }
+                MatB {
+                    data: &s.vbuf,
+                    off: 0,
+                    ld: dv,
+                }
+            }
+        };
+        let pt = MatA {
+            data: &s.st,
+            off: 0,
+            rs: 1,
+            ks: ld,
+        };
+        gemm(plan.isa, n, dv, nk, pt, bmat, &mut s.o, dv, true)?;
+        j0 += nk;
+    }
+    write_out(p, &rows, &s.o, &state.l, out)
+}
+
+/// Normalizes each row by its softmax sum (rows with no visible key, `l = 0`, give zeros) and
+/// stores it into Y.
+#[inline(always)]
+fn write_out(p: &AttentionProblem, rows: &Rows, o: &[f32], l: &[f32], out: &OutPtr) -> Result<()> {
+    let dv = p.v_head_dim;
+    let os = p.out_strides;
+    let mut tmp = vec![0.0f32; dv];
+    for (r, &(h, i)) in rows.hi.iter().enumerate() {
+        let sum = l.get(r).copied().unwrap_or(0.0);
+        let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+        for (t, &x) in tmp.iter_mut().zip(&o[r * dv..(r + 1) * dv]) {
+            *t = x * inv;
+        }
+        out.write_row(rows.b * os[0] + h * os[1] + i * os[2], os[3], &tmp)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,125 @@
+//! What a matched site turns into: nodes to drop, nodes to add before the site's last node, and
+//! the facts the report shows.
+
+use serde::Serialize;
+
+use crate::graph::onnx::{attribute_proto::AttributeType, AttributeProto, NodeProto};
+
+/// The domain and op type of the fused operator.
+pub const DOMAIN: &str = "com.flash";
+pub const OP_TYPE: &str = "FlashAttention";
+
+/// A complete, checked rewrite of one site. Applied entirely or not at all.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Nodes of the site, removed by the rewrite (indices into the graph's node list).
+    pub remove: Vec<usize>,
+    /// The new nodes go where this node was (the site's last node, whose output they produce).
+    pub anchor: usize,
+    pub new_nodes: Vec<NodeProto>,
+    pub summary: Summary,
+}
+
+/// What the fused node does, for the report.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Summary {
+    pub scale: Option<f32>,
+    pub is_causal: bool,
+    pub softcap: Option<f32>,
+    /// "none", "bool", "float" or a short description of the combination passed as attn_mask.
+    pub mask: String,
+    /// K/V heads read un-repeated (a GQA `Unsqueeze → Expand → Reshape` folded away).
+    pub gqa_folded: bool,
+    pub layout: String,
+}
+
+/// Makes tensor and node names that do not clash with the graph's.
+pub struct Names {
+    taken: std::collections::HashSet<String>,
+}
+
+impl Names {
+    pub fn new(graph: &crate::graph::onnx::GraphProto) -> Self {
+        let mut taken = std::collections::HashSet::new();
+        for n in &graph.node {
+            taken.extend(n.output.iter().cloned());
+            taken.extend(n.input.iter().cloned());
+            taken.extend(n.name.iter().cloned());
+        }
+        taken.extend(graph.initializer.iter().filter_map(|t| t.name.clone()));
+        taken.extend(graph.input.iter().filter_map(|t| t.name.clone()));
+        Names { taken }
+    }
+
+    /// `base` itself if free, else `base_1`, `base_2`, …
+    pub fn fresh(&mut self, base: &str) -> String {
+        let mut name = base.to_string();
+        let mut k = 0;
+        while self.taken.contains(&name) {
+            k += 1;
+            name = format!("{base}_{k}");
+        }
+        self.taken.insert(name.clone());
+        name
+    }
+}
+
+pub fn attr_int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(v),
+        ..Default::default()
+    }
+}
+
+pub fn attr_float(name: &str, v: f32) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Float as i32),
+        f: Some(v),
+        ..Default::default()
+    }
+}
+
+pub fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Ints as i32),
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// A node of the default domain.
+pub fn node(
+    op: &str,
+    name: String,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+    attrs: Vec<AttributeProto>,
+) -> NodeProto {
+    NodeProto {
+        op_type: Some(op.into()),
+        name: Some(name),
+        input: inputs,
+        output: outputs,
+        attribute: attrs,
+        ..Default::default()
+    }
+}
+
+/// The fused node. Trailing unused optional inputs are dropped.
+pub fn flash_node(
+    name: String,
+    mut inputs: Vec<String>,
+    outputs: Vec<String>,
+    attrs: Vec<AttributeProto>,
+) -> NodeProto {
+    while inputs.last().is_some_and(String::is_empty) {
+        inputs.pop();
+    }
+    let mut n = node(OP_TYPE, name, inputs, outputs, attrs);
+    n.domain = Some(DOMAIN.into());
+    n
+}

@@ -1,0 +1,158 @@
+//! One `Compute` on the CUDA execution provider: device pointers, ORT's compute stream, the
+//! device taken from Q's memory info, scratch from ORT's allocator for that device. Nothing here
+//! synchronises, blocks or allocates outside ORT, so CUDA graph capture works.
+
+use std::ffi::c_void;
+use std::ptr;
+
+use ort_sys::{OrtAllocator, OrtMemoryInfo};
+
+use super::api::check;
+use super::tensors::{Input, KernelContext};
+use crate::attention::{AttentionProblem, Strides4};
+use crate::cuda::{self, DevicePtrs};
+use crate::{Error, Result};
+
+/// A block from ORT's device allocator, returned to it on drop. ORT's CUDA allocator is
+/// stream-ordered with this kernel's stream, so freeing right after the enqueue is safe.
+struct DeviceScratch {
+    alloc: *mut OrtAllocator,
+    ptr: *mut c_void,
+    release_allocator: unsafe extern "system" fn(*mut OrtAllocator),
+}
+
+impl Drop for DeviceScratch {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from this allocator's Alloc; the allocator wrapper is ours to release.
+        unsafe {
+            if !self.ptr.is_null() {
+                if let Some(free) = (*self.alloc).Free {
+                    free(self.alloc, self.ptr);
+                }
+            }
+            (self.release_allocator)(self.alloc);
+        }
+    }
+}
+
+fn device_scratch(
+    ctx: &KernelContext,
+    mem: *const OrtMemoryInfo,
+    bytes: usize,
+) -> Result<Option<DeviceScratch>> {
+    if bytes == 0 {
+        return Ok(None);
+    }
+    let api = ctx.api();
+    let mut alloc: *mut OrtAllocator = ptr::null_mut();
+    // SAFETY: `mem` describes the device Q lives on; the allocator wrapper is released on drop.
+    check(
+        unsafe { (api.KernelContext_GetAllocator)(ctx.ctx, mem, &mut alloc) },
+        "KernelContext_GetAllocator",
+    )?;
+    if alloc.is_null() {
+        return Err(Error::Device("ORT returned no device allocator".into()));
+    }
+    let mut s = DeviceScratch {
+        alloc,
+        ptr: ptr::null_mut(),
+        release_allocator: api.ReleaseAllocator,
+    };
+    // SAFETY: a live allocator; Alloc returns null on failure.
+    s.ptr = unsafe {
+        (*alloc)
+            .Alloc
+            .map(|a| a(alloc, bytes))
+            .unwrap_or(ptr::null_mut())
+    };
+    if s.ptr.is_null() {
+        return Err(Error::Device(format!(
+            "could not allocate {bytes} bytes of device scratch"
+        )));
+    }
+    Ok(Some(s))
+}
+
+pub fn run(ctx: &KernelContext, p: &AttentionProblem, inputs: &[Option<Input>]) -> Result<()> {
+    let get = |i: usize| inputs.get(i).and_then(|x| x.as_ref());
+    let missing = |n: &str| Error::InvalidArgument(format!("input {n} is required"));
+    let (q, k, v) = (
+        get(0).ok_or_else(|| missing("Q"))?,
+        get(1).ok_or_else(|| missing("K"))?,
+        get(2).ok_or_else(|| missing("V"))?,
+    );
+    let api = ctx.api();
+
+    let mut mem: *const OrtMemoryInfo = ptr::null();
+    // SAFETY: Q is a live input value.
+    check(
+        unsafe { (api.GetTensorMemoryInfo)(q.value, &mut mem) },
+        "GetTensorMemoryInfo",
+    )?;
+    let mut device = 0i32;
+    // SAFETY: `mem` belongs to Q's value.
+    check(
+        unsafe { (api.MemoryInfoGetId)(mem, &mut device) },
+        "MemoryInfoGetId",
+    )?;
+    let mut stream: *mut c_void = ptr::null_mut();
+    // SAFETY: live context; the CUDA EP returns its compute stream (null = legacy default).
+    check(
+        unsafe { (api.KernelContext_GetGPUComputeStream)(ctx.ctx, &mut stream) },
+        "KernelContext_GetGPUComputeStream",
+    )?;
+
+    let esize = p.dtype.size_of();
+    // present = concat(past, new) on the device, into the output when requested, else scratch.
+    let mut scratch_kv = Vec::new();
+    let mut kv = |out_index: usize,
+                  name: &str,
+                  dim: usize,
+                  past: Option<&Input>,
+                  new: &Input,
+                  strides: Strides4|
+     -> Result<(u64, Strides4)> {
+        let present = ctx.output(out_index, &p.present_shape(dim), name)?;
+        let target = match (present, past) {
+            (Some(dst), _) => dst,
+            (None, Some(_)) => {
+                let bytes = p.batch * p.kv_heads * p.kv_len * dim * esize;
+                let s = device_scratch(ctx, mem, bytes)?
+                    .ok_or_else(|| Error::Other("empty KV scratch".into()))?;
+                let ptr = s.ptr;
+                scratch_kv.push(s);
+                ptr
+            }
+            (None, None) => return Ok((new.data as u64, strides)),
+        };
+        cuda::concat_kv(
+            p,
+            dim,
+            past.map_or(0, |x| x.data as u64),
+            new.data as u64,
+            strides,
+            target as u64,
+            stream,
+            device,
+        )?;
+        Ok((target as u64, p.present_strides(dim)))
+    };
+    let (k_ptr, k_strides) = kv(1, "present_key", p.head_dim, get(4), k, p.k_strides)?;
+    let (v_ptr, v_strides) = kv(2, "present_value", p.v_head_dim, get(5), v, p.v_strides)?;
+
+    let out = ctx
+        .output(0, &p.out_shape(), "Y")?
+        .ok_or_else(|| Error::Other("output Y is required".into()))?;
+    let ptrs = DevicePtrs {
+        q: q.data as u64,
+        k: k_ptr,
+        v: v_ptr,
+        mask: get(3).map_or(0, |m| m.data as u64),
+        nonpad_kv_seqlen: get(6).map_or(0, |n| n.data as u64),
+        out: out as u64,
+    };
+    let bytes = cuda::scratch_bytes(p, device)?;
+    let scratch = device_scratch(ctx, mem, bytes)?;
+    let (s_ptr, s_len) = scratch.as_ref().map_or((0, 0), |s| (s.ptr as u64, bytes));
+    cuda::launch(p, k_strides, v_strides, &ptrs, s_ptr, s_len, stream, device)
+}

@@ -1,0 +1,116 @@
+//! Finding and loading ONNX Runtime (the `ort` crate, `load-dynamic`) and the operator library,
+//! and opening sessions with it.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::environment::Environment;
+use ort::session::{builder::GraphOptimizationLevel, Session};
+
+use crate::{Error, Result};
+
+static ENV: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
+
+/// Candidate roots to search for the repo's `.venv` and build outputs: the current folder, the
+/// executable's ancestors and the crate's source folder.
+fn roots() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(d) = std::env::current_dir() {
+        out.push(d);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        out.extend(exe.ancestors().skip(1).take(5).map(Path::to_path_buf));
+    }
+    out.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    out
+}
+
+/// `libonnxruntime.so`: `ORT_DYLIB_PATH`, else the onnxruntime wheel inside a `.venv` of the repo.
+pub fn find_ort_library() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        return Ok(PathBuf::from(p));
+    }
+    for root in roots() {
+        let lib = root.join(".venv/lib");
+        let Ok(rd) = std::fs::read_dir(&lib) else {
+            continue;
+        };
+        for py in rd.flatten() {
+            let capi = py.path().join("site-packages/onnxruntime/capi");
+            let Ok(files) = std::fs::read_dir(&capi) else {
+                continue;
+            };
+            let mut found: Vec<PathBuf> = files
+                .flatten()
+                .map(|f| f.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+                })
+                .collect();
+            found.sort();
+            if let Some(p) = found.pop() {
+                return Ok(p);
+            }
+        }
+    }
+    Err(Error::Other(
+        "ONNX Runtime not found: set ORT_DYLIB_PATH to libonnxruntime.so (e.g. from the onnxruntime Python wheel), or create .venv with onnxruntime".into(),
+    ))
+}
+
+/// `libflash_ort.so`: `FLASH_ORT_LIB`, else beside the executable or in `target/{release,debug}`.
+pub fn find_operator_library() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("FLASH_ORT_LIB") {
+        return Some(PathBuf::from(p));
+    }
+    let mut cands = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        cands.extend(
+            exe.ancestors()
+                .skip(1)
+                .take(2)
+                .map(|d| d.join("libflash_ort.so")),
+        );
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    cands.push(root.join("target/release/libflash_ort.so"));
+    cands.push(root.join("target/debug/libflash_ort.so"));
+    cands.into_iter().find(|p| p.exists())
+}
+
+/// The process-wide ORT environment (ORT allows one per process).
+pub fn environment() -> Result<&'static Environment> {
+    let env = ENV.get_or_init(|| {
+        let lib = find_ort_library().map_err(|e| e.to_string())?;
+        ort::init_from(&lib)
+            .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", lib.display()))?
+            .with_name("flash-ort")
+            .build()
+            .map_err(|e| format!("cannot create the ONNX Runtime environment: {e}"))
+    });
+    env.as_ref().map_err(|e| Error::Other(e.clone()))
+}
+
+/// Opens `model` on the CPU EP with graph optimizations off (the graphs are compared as written),
+/// registering `op_lib` when given.
+pub fn open_session(model: &Path, op_lib: Option<&Path>, threads: usize) -> Result<Session> {
+    let env = environment()?;
+    let ort_err = |e: ort::Error<_>| Error::Other(format!("{}: {e}", model.display()));
+    let mut b = Session::builder(env).map_err(|e| Error::Other(e.to_string()))?;
+    b = b
+        .with_optimization_level(GraphOptimizationLevel::Disable)
+        .map_err(ort_err)?;
+    b = b.with_intra_threads(threads).map_err(ort_err)?;
+    if let Some(lib) = op_lib {
+        b = b.with_operator_library(lib).map_err(|e| {
+            Error::Other(format!(
+                "cannot register operator library {}: {e}",
+                lib.display()
+            ))
+        })?;
+    }
+    b.commit_from_file(model)
+        .map_err(|e| Error::Other(format!("ONNX Runtime cannot load {}: {e}", model.display())))
+}

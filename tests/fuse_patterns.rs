@@ -1,0 +1,222 @@
+//! One tiny hand-built graph per pattern variant (tests/graphs/fuse_*.onnx, made by
+//! tests/graphs/build.py): fused count, the fused node's attributes, idempotence and parity in
+//! ONNX Runtime with the operator library; and one graph per skip reason
+//! (tests/graphs/skip_<code>.onnx) that must stay byte-for-byte as it was.
+
+use std::path::PathBuf;
+
+use flash_ort::fuse::{self, Report};
+use flash_ort::graph::{self, io, onnx::ModelProto, onnx::NodeProto};
+
+fn graph_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/graphs")
+        .join(name)
+}
+
+fn fused(name: &str) -> (ModelProto, Report) {
+    let mut m = graph::load_model(&graph_path(name)).expect("load").model;
+    let rep = fuse::fuse_model(&mut m, true);
+    (m, rep)
+}
+
+fn flash_nodes(m: &ModelProto) -> Vec<&NodeProto> {
+    m.graph
+        .as_ref()
+        .unwrap()
+        .node
+        .iter()
+        .filter(|n| n.domain.as_deref() == Some("com.flash"))
+        .collect()
+}
+
+fn attr_f(n: &NodeProto, a: &str) -> Option<f32> {
+    n.attribute
+        .iter()
+        .find(|x| x.name.as_deref() == Some(a))
+        .and_then(|x| x.f)
+}
+fn attr_i(n: &NodeProto, a: &str) -> Option<i64> {
+    n.attribute
+        .iter()
+        .find(|x| x.name.as_deref() == Some(a))
+        .and_then(|x| x.i)
+}
+
+/// ORT parity of the fused graph against the original, when ONNX Runtime can be found.
+fn parity(name: &str, m: &ModelProto) {
+    if flash_ort::verify::runtime::find_ort_library().is_err() {
+        eprintln!("ONNX Runtime not found (ORT_DYLIB_PATH / .venv): parity of {name} not run");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("flash-ort-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(name);
+    std::fs::write(&out, io::encode_model(m)).unwrap();
+    let rep = flash_ort::verify::verify(&graph_path(name), &out, &Default::default())
+        .expect("verify runs");
+    for o in &rep.outputs {
+        assert!(
+            o.ok,
+            "{name}: output {} max abs {} > {}",
+            o.name, o.max_abs, o.tolerance
+        );
+    }
+    assert!(rep.ok);
+}
+
+/// Fuses `name`, checks one fused site, idempotence and parity; returns the fused node.
+fn check_variant(name: &str) -> NodeProto {
+    let (m, rep) = fused(name);
+    assert_eq!((rep.fused, rep.skipped), (1, 0), "{name}: {}", rep.human());
+    let nodes = flash_nodes(&m);
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0].op_type.as_deref(), Some("FlashAttention"));
+    assert!(m
+        .opset_import
+        .iter()
+        .any(|o| o.domain.as_deref() == Some("com.flash") && o.version == Some(1)));
+    // No Softmax left behind.
+    assert!(!m
+        .graph
+        .as_ref()
+        .unwrap()
+        .node
+        .iter()
+        .any(|n| n.op_type.as_deref() == Some("Softmax")));
+    // Running fuse again changes nothing.
+    let once = io::encode_model(&m);
+    let mut again = m.clone();
+    let rep2 = fuse::fuse_model(&mut again, true);
+    assert_eq!(rep2.fused, 0);
+    assert_eq!(
+        io::encode_model(&again),
+        once,
+        "{name}: second fuse changed the model"
+    );
+    parity(name, &m);
+    nodes[0].clone()
+}
+
+const INV_SQRT8: f32 = 0.353_553_38;
+
+#[test]
+fn bert_eager_div_scale_padding_mask_dropout() {
+    let n = check_variant("fuse_bert_eager.onnx");
+    assert!((attr_f(&n, "scale").unwrap() - INV_SQRT8).abs() < 1e-6);
+    assert_eq!(attr_i(&n, "is_causal"), None);
+    assert_eq!(
+        n.input.len(),
+        4,
+        "additive padding mask passed as attn_mask"
+    );
+    // K arrives BSHD→BHDS; the rewrite reads it through a new [0,2,1,3] transpose.
+}
+
+#[test]
+fn sdpa_sqrt_scale_from_shape_and_nan_guard() {
+    let n = check_variant("fuse_sdpa_sqrt_scale.onnx");
+    assert!((attr_f(&n, "scale").unwrap() - INV_SQRT8).abs() < 1e-6);
+    assert_eq!(n.input.len(), 4);
+}
+
+#[test]
+fn dynamo_reshape_transpose_reshape_k() {
+    let n = check_variant("fuse_dynamo_k_reshape.onnx");
+    assert!((attr_f(&n, "scale").unwrap() - INV_SQRT8).abs() < 1e-6);
+    assert_eq!(n.input.len(), 3);
+}
+
+#[test]
+fn gqa_repeat_kv_is_folded() {
+    let (m, rep) = fused("fuse_gqa_repeat_kv.onnx");
+    assert!(rep.sites[0].summary.as_ref().unwrap().gqa_folded);
+    // No Expand of K/V survives.
+    assert!(!m
+        .graph
+        .as_ref()
+        .unwrap()
+        .node
+        .iter()
+        .any(|n| n.op_type.as_deref() == Some("Expand")));
+    check_variant("fuse_gqa_repeat_kv.onnx");
+}
+
+#[test]
+fn softcap_is_recognized() {
+    let n = check_variant("fuse_softcap.onnx");
+    assert_eq!(attr_f(&n, "softcap"), Some(30.0));
+    assert_eq!(attr_f(&n, "scale"), Some(0.25));
+}
+
+#[test]
+fn gpt2_constant_causal_buffer_becomes_is_causal() {
+    let n = check_variant("fuse_gpt2_causal_buffer.onnx");
+    assert_eq!(attr_i(&n, "is_causal"), Some(1));
+    assert_eq!(
+        n.input.len(),
+        3,
+        "no attn_mask left once the triangle is proven"
+    );
+}
+
+#[test]
+fn t5_no_scale_position_bias() {
+    let n = check_variant("fuse_t5_position_bias.onnx");
+    assert_eq!(attr_f(&n, "scale"), Some(1.0));
+    assert_eq!(n.input.len(), 4);
+}
+
+#[test]
+fn cross_attention_different_lengths() {
+    let n = check_variant("fuse_cross_attention.onnx");
+    assert_eq!(attr_i(&n, "is_causal"), None);
+}
+
+#[test]
+fn fp16_softmax_between_casts() {
+    let n = check_variant("fuse_fp16_cast_softmax.onnx");
+    assert!((attr_f(&n, "scale").unwrap() - INV_SQRT8).abs() < 1e-3);
+}
+
+#[test]
+fn onnx_attention_renamed() {
+    let n = check_variant("fuse_onnx_attention.onnx");
+    assert_eq!(attr_f(&n, "scale"), Some(0.3));
+    let n = check_variant("fuse_onnx_attention_causal.onnx");
+    assert_eq!(attr_i(&n, "is_causal"), Some(1));
+}
+
+#[test]
+fn every_skip_reason_leaves_the_graph_alone() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/graphs");
+    let mut seen = 0;
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    for p in files {
+        let stem = p.file_stem().unwrap().to_str().unwrap().to_string();
+        let Some(code) = stem.strip_prefix("skip_") else {
+            continue;
+        };
+        let loaded = graph::load_model(&p).unwrap();
+        let before = io::encode_model(&loaded.model);
+        let mut m = loaded.model;
+        let rep = fuse::fuse_model(&mut m, true);
+        assert_eq!(rep.fused, 0, "{stem}: {}", rep.human());
+        assert_eq!(rep.sites.len(), 1, "{stem}");
+        let reason = rep.sites[0].reason.as_ref().expect("a reason");
+        assert_eq!(reason.code, code, "{stem}: {reason}");
+        assert!(!reason.node.is_empty());
+        assert!(
+            fuse::reason::CODES.iter().any(|(c, _)| *c == code),
+            "{code} is documented"
+        );
+        assert_eq!(io::encode_model(&m), before, "{stem}: the model changed");
+        seen += 1;
+    }
+    assert!(seen >= 15, "only {seen} negative graphs");
+}
