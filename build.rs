@@ -119,7 +119,8 @@ mod cuda {
         // Objects live beside the profiles (target/flash-ort-kernels/), not in OUT_DIR, so that
         // `cargo build --release`, `cargo clippy` and `cargo test` share one compile: device code
         // does not depend on the Rust profile.
-        let objdir = kernel_cache_dir(&out);
+        // One folder per flag set, so dev builds with other archs/flags don't evict these.
+        let objdir = kernel_cache_dir(&out).join(format!("{:016x}", fnv1a(flags_key.as_bytes())));
         std::fs::create_dir_all(&objdir).map_err(|e| e.to_string())?;
         let stamp = objdir.join("flags.txt");
         let flags_same = std::fs::read_to_string(&stamp).ok().as_deref() == Some(&flags_key);
@@ -204,6 +205,12 @@ mod cuda {
             }
             _ => out.join("kernels"),
         }
+    }
+
+    fn fnv1a(bytes: &[u8]) -> u64 {
+        bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x100000001b3)
+        })
     }
 
     fn env(name: &str) -> Result<String, String> {

@@ -20,15 +20,14 @@ namespace flash_ort {
 struct TileShape {
     int block_m;
     int block_n;
+    int warps;
 };
 constexpr int kSmallRows = 16;
 constexpr TileShape fwd_tile(int d_padded, bool small) {
-    if (small) return d_padded <= 192 ? TileShape{16, 64} : TileShape{16, 32};
-    // D <= 64: 64 rows (4 warps, 2 CTAs per SM) measured 190 TFLOP/s against 175 with 128 rows
-    // at S = 16k; D = 128: 128 rows measured 237 against 227 (H200, fp16, 2026-11-21).
-    if (d_padded <= 64) return TileShape{64, 64};
-    return d_padded <= 128 ? TileShape{128, 64} : d_padded <= 192 ? TileShape{64, 64}
-                                                                  : TileShape{64, 32};
+    if (small) return d_padded <= 192 ? TileShape{16, 64, 1} : TileShape{16, 32, 1};
+    // D <= 128: 128 rows on 4 warps (two m16 tiles per warp, as FlashAttention-2 does).
+    if (d_padded <= 128) return TileShape{128, 64, 4};
+    return d_padded <= 192 ? TileShape{64, 64, 4} : TileShape{64, 32, 4};
 }
 
 // The forward kernel for one padded head size and element type (kF16 or kBF16).

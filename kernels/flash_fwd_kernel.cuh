@@ -102,18 +102,22 @@ struct Mma<__nv_bfloat16> {
 // Tile configuration
 // ---------------------------------------------------------------------------------------------
 
-template <int kD_, int kBlockM_, int kBlockN_, typename T_>
+template <int kD_, int kBlockM_, int kBlockN_, int kWarps_, typename T_>
 struct FwdConfig {
     static constexpr int kD = kD_;            // padded head size (multiple of 16)
     static constexpr int kBlockM = kBlockM_;  // query rows per CTA
     static constexpr int kBlockN = kBlockN_;  // keys per KV block
-    static constexpr int kWarps = kBlockM / 16;
+    static constexpr int kWarps = kWarps_;
     static constexpr int kThreads = kWarps * 32;
+    // m16 tiles per warp: with 2, each K/V fragment read from shared memory feeds two MMAs,
+    // halving shared-memory traffic per FLOP (what FlashAttention-2 does with 4 warps x 128 rows).
+    static constexpr int kMT = kBlockM / (16 * kWarps);
+    static_assert(kMT * 16 * kWarps == kBlockM, "block rows must split evenly over warps");
     // Rows padded by 16 bytes: 8 consecutive rows' ldmatrix addresses land in distinct bank
     // groups for every kD here, so ldmatrix and cp.async need no swizzle.
     static constexpr int kStride = kD + 8;
-    // Q fragments stay in registers when they fit beside O (kD/2 floats) and S.
-    static constexpr bool kQInRegs = kD <= 128;
+    // Q fragments stay in registers when they fit beside O (kMT*kD/2 floats) and S.
+    static constexpr bool kQInRegs = kMT == 1 && kD <= 128;
     static constexpr int kSmemQ = kBlockM * kStride;
     static constexpr int kSmemKV = kBlockN * kStride;
     static constexpr size_t kSmemBytes = (size_t)(kSmemQ + 4 * kSmemKV) * sizeof(T_);
@@ -128,7 +132,9 @@ __device__ __forceinline__ void load_tile(typename Cfg::T* smem, RowPtr row_ptr,
     constexpr int kChunksPerRow = Cfg::kD / 8;
     constexpr int kChunks = kRows * kChunksPerRow;
     constexpr int kIters = (kChunks + Cfg::kThreads - 1) / Cfg::kThreads;
-#pragma unroll
+    // Fully unrolled address math for many iterations (one-warp tiles) costs registers the
+    // accumulators need; 4 at a time keeps enough copies in flight.
+#pragma unroll 4
     for (int it = 0; it < kIters; ++it) {
         const int c = threadIdx.x + it * Cfg::kThreads;
         if (kChunks % Cfg::kThreads != 0 && c >= kChunks) break;
@@ -166,8 +172,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
     using T = typename Cfg::T;
     constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN;
     constexpr int kStride = Cfg::kStride;
-    constexpr int kNT = kBlockN / 8;  // n8 tiles of S per warp
-    constexpr int kDT = kD / 8;       // n8 tiles of O per warp
+    constexpr int kMT = Cfg::kMT;
+    constexpr int kR = 2 * kMT;       // rows per thread: g and g + 8 of each m16 tile
+    constexpr int kNT = kBlockN / 8;  // n8 tiles of S per m16 tile
+    constexpr int kDT = kD / 8;       // n8 tiles of O per m16 tile
     constexpr float kLog2e = 1.4426950408889634f;
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -186,6 +194,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
     const int b = bh / p.kv_heads, kvh = bh % p.kv_heads;
     const int m0 = m_block * kBlockM;
     const int m_end = min(m0 + kBlockM, p.m_rows);
+    const int warp_m0 = m0 + warp * 16 * kMT;  // first row of this warp
 
     // Keys this batch really has (right padding through nonpad_kv_seqlen).
     int kv_end = p.kv_len;
@@ -212,32 +221,36 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
         n_end = min(n_end, (split + 1) * per);
     }
 
-    // This thread's two rows (g and g + 8 of its warp's 16).
-    int row_i[2], row_h[2], row_lo_k[2], row_hi_k[2];
-    bool row_ok[2];
+    // This thread's rows: ri = 2 * mt + r is row g + 8r of the warp's m16 tile mt.
+    // Only the visible key range is kept per row; query and head indices are recomputed where
+    // a mask or the epilogue needs them (registers go to the accumulators).
+    auto row_m_of = [&](int ri) { return warp_m0 + (ri / 2) * 16 + g + (ri % 2) * 8; };
+    int row_lo_k[kR], row_hi_k[kR];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        int m = m0 + warp * 16 + g + r * 8;
-        row_ok[r] = m < p.m_rows;
-        int mm = row_ok[r] ? m : p.m_rows - 1;
-        row_i[r] = mm / p.group;
-        row_h[r] = kvh * p.group + mm % p.group;
-        row_lo_k[r] = row_lo(row_i[r]);
-        row_hi_k[r] = row_hi(row_i[r]);
+    for (int ri = 0; ri < kR; ++ri) {
+        const int i = min(row_m_of(ri), p.m_rows - 1) / p.group;
+        row_lo_k[ri] = row_lo(i);
+        row_hi_k[ri] = row_hi(i);
     }
-    const bool warp_active = m0 + warp * 16 < p.m_rows;
+    const bool warp_active = warp_m0 < p.m_rows;
 
     const T* q = static_cast<const T*>(p.q);
     const T* kbase = static_cast<const T*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1];
     const T* vbase = static_cast<const T*>(p.v) + b * p.v_stride[0] + kvh * p.v_stride[1];
 
-    float o[kDT][4];
+    float o[kMT][kDT][4];
 #pragma unroll
-    for (int j = 0; j < kDT; ++j)
+    for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) o[j][e] = 0.f;
-    float row_m[2] = {-INFINITY, -INFINITY};
-    float row_l[2] = {0.f, 0.f};
+        for (int j = 0; j < kDT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[mt][j][e] = 0.f;
+    float row_m[kR], row_l[kR];
+#pragma unroll
+    for (int ri = 0; ri < kR; ++ri) {
+        row_m[ri] = -INFINITY;
+        row_l[ri] = 0.f;
+    }
 
     const bool additive = p.mask_kind >= kMaskF32;
     // Without an additive mask the scores stay small: work in log2 units with the scale folded
@@ -293,31 +306,38 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
             __syncthreads();
 
             if (warp_active) {
-                const T* sQw = sQ + warp * 16 * kStride;
-                if (Cfg::kQInRegs && it == 0) {
+                const T* sQw = sQ + warp * 16 * kMT * kStride;
+                if constexpr (Cfg::kQInRegs) {
+                    if (it == 0) {
 #pragma unroll
-                    for (int kk = 0; kk < (Cfg::kQInRegs ? kD / 16 : 1); ++kk)
-                        ldmatrix_x4(qf[kk], smem_u32(sQw + (lane % 16) * kStride + kk * 16 +
-                                                     (lane / 16) * 8));
+                        for (int kk = 0; kk < kD / 16; ++kk)
+                            ldmatrix_x4(qf[kk], smem_u32(sQw + (lane % 16) * kStride + kk * 16 +
+                                                         (lane / 16) * 8));
+                    }
                 }
                 const T* sKs = sK + stage * Cfg::kSmemKV;
                 const T* sVs = sV + stage * Cfg::kSmemKV;
 
-                // S = Q Kᵀ for this warp's 16 rows and kBlockN keys.
-                float s[kNT][4];
+                // S = Q Kᵀ for this warp's rows and kBlockN keys; each K fragment feeds kMT MMAs.
+                float s[kMT][kNT][4];
 #pragma unroll
-                for (int j = 0; j < kNT; ++j)
+                for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+                    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
 #pragma unroll
                 for (int kk = 0; kk < kD / 16; ++kk) {
-                    uint32_t a[4];
-                    if constexpr (Cfg::kQInRegs) {
+                    uint32_t a[kMT][4];
 #pragma unroll
-                        for (int e = 0; e < 4; ++e) a[e] = qf[Cfg::kQInRegs ? kk : 0][e];
-                    } else {
-                        ldmatrix_x4(a, smem_u32(sQw + (lane % 16) * kStride + kk * 16 +
-                                                (lane / 16) * 8));
+                    for (int mt = 0; mt < kMT; ++mt) {
+                        if constexpr (Cfg::kQInRegs) {
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) a[mt][e] = qf[Cfg::kQInRegs ? kk : 0][e];
+                        } else {
+                            ldmatrix_x4(a[mt], smem_u32(sQw + (mt * 16 + lane % 16) * kStride +
+                                                        kk * 16 + (lane / 16) * 8));
+                        }
                     }
 #pragma unroll
                     for (int nn = 0; nn < kBlockN / 16; ++nn) {
@@ -325,103 +345,128 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                         int key = nn * 16 + (lane % 8) + (lane / 16) * 8;
                         int col = kk * 16 + ((lane / 8) % 2) * 8;
                         ldmatrix_x4(bk, smem_u32(sKs + key * kStride + col));
-                        Mma<T>::run(s[2 * nn], a, bk[0], bk[1]);
-                        Mma<T>::run(s[2 * nn + 1], a, bk[2], bk[3]);
+#pragma unroll
+                        for (int mt = 0; mt < kMT; ++mt) {
+                            Mma<T>::run(s[mt][2 * nn], a[mt], bk[0], bk[1]);
+                            Mma<T>::run(s[mt][2 * nn + 1], a[mt], bk[2], bk[3]);
+                        }
                     }
                 }
 
-                // Scores -> softmax numerators. Two copies of this code: the fast one (no
-                // mask, no softcap, block fully visible) is one multiply, one add and one ex2
-                // per score; the general one handles everything. Keeping the element checks
-                // out of the fast copy keeps the hot loop small (instruction-fetch stalls were
-                // 43% of all stalls when every score carried its mask branches; H200, ncu).
+                // Scores -> softmax numerators, in three copies: fast (block fully visible, no
+                // mask, no softcap: one multiply, one add, one ex2 per score), bounds (causal
+                // diagonal, windows, sequence end: plus a compare and select), and general
+                // (masks, softcap). Keeping the element checks out of the fast copy keeps the hot
+                // loop small (instruction-fetch stalls were 43% of all stalls when every score
+                // carried its mask branches; H200, ncu).
                 const int key0 = n * kBlockN;
-                const bool fast = p.mask_kind == kMaskNone && p.softcap == 0.f &&
-                                  key0 >= lo_last && key0 + kBlockN <= hi_first;
-                auto softmax = [&](auto general_tag) {
-                    constexpr bool kGeneral = decltype(general_tag)::value;
+                const bool plain = p.mask_kind == kMaskNone && p.softcap == 0.f;
+                const bool fast = plain && key0 >= lo_last && key0 + kBlockN <= hi_first;
+                auto softmax = [&](auto mode_tag) {
+                    constexpr int kMode = decltype(mode_tag)::value;  // 0 fast, 1 bounds, 2 general
+                    constexpr bool kGeneral = kMode == 2;
 #pragma unroll
-                    for (int j = 0; j < kNT; ++j) {
+                    for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            float x = s[j][e] * pre;
-                            if constexpr (kGeneral) {
-                                if (p.softcap > 0.f) x = cap_out * tanhf(x / p.softcap);
-                                const int r = e / 2;
-                                const int key = key0 + j * 8 + 2 * t4 + (e & 1);
-                                if (key < row_lo_k[r] || key >= row_hi_k[r]) {
-                                    x = -INFINITY;
-                                } else if (p.mask_kind != kMaskNone) {
-                                    int64_t idx = b * p.m_stride[0] + row_h[r] * p.m_stride[1] +
-                                                  (int64_t)row_i[r] * p.m_stride[2] +
-                                                  (int64_t)key * p.m_stride[3];
-                                    x += mask_value<T>(p.mask, p.mask_kind, idx);
+                        for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) {
+                                float x = s[mt][j][e] * pre;
+                                if constexpr (kMode == 1) {
+                                    const int ri = 2 * mt + e / 2;
+                                    const int key = key0 + j * 8 + 2 * t4 + (e & 1);
+                                    x = (key < row_lo_k[ri] || key >= row_hi_k[ri]) ? -INFINITY : x;
                                 }
+                                if constexpr (kGeneral) {
+                                    if (p.softcap > 0.f) x = cap_out * tanhf(x / p.softcap);
+                                    const int ri = 2 * mt + e / 2;
+                                    const int key = key0 + j * 8 + 2 * t4 + (e & 1);
+                                    if (key < row_lo_k[ri] || key >= row_hi_k[ri]) {
+                                        x = -INFINITY;
+                                    } else if (p.mask_kind != kMaskNone) {
+                                        const int m = min(row_m_of(ri), p.m_rows - 1);
+                                        const int i = m / p.group;
+                                        const int h = kvh * p.group + (m - i * p.group);
+                                        int64_t idx = b * p.m_stride[0] + h * p.m_stride[1] +
+                                                      (int64_t)i * p.m_stride[2] +
+                                                      (int64_t)key * p.m_stride[3];
+                                        x += mask_value<T>(p.mask, p.mask_kind, idx);
+                                    }
+                                }
+                                s[mt][j][e] = x;
                             }
-                            s[j][e] = x;
                         }
                     }
                     // Online softmax: running max/sum per row; the sum stays per-thread until
                     // the end. The fast path has no additive mask, so post == 1 there.
 #pragma unroll
-                    for (int r = 0; r < 2; ++r) {
+                    for (int ri = 0; ri < kR; ++ri) {
+                        const int mt = ri / 2, r = ri % 2;
                         float mx = -INFINITY;
 #pragma unroll
                         for (int j = 0; j < kNT; ++j)
-                            mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+                            mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
                         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
                         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-                        const float m_new = fmaxf(row_m[r], mx);
+                        const float m_new = fmaxf(row_m[ri], mx);
                         const float m_use = m_new == -INFINITY ? 0.f : m_new;
-                        const float alpha = kGeneral ? fast_exp2((row_m[r] - m_use) * post)
-                                                     : fast_exp2(row_m[r] - m_use);
-                        row_m[r] = m_new;
+                        const float alpha = kGeneral ? fast_exp2((row_m[ri] - m_use) * post)
+                                                     : fast_exp2(row_m[ri] - m_use);
+                        row_m[ri] = m_new;
                         float sum = 0.f;
 #pragma unroll
                         for (int j = 0; j < kNT; ++j) {
                             float p0, p1;
                             if constexpr (kGeneral) {
-                                p0 = fast_exp2((s[j][2 * r] - m_use) * post);
-                                p1 = fast_exp2((s[j][2 * r + 1] - m_use) * post);
+                                p0 = fast_exp2((s[mt][j][2 * r] - m_use) * post);
+                                p1 = fast_exp2((s[mt][j][2 * r + 1] - m_use) * post);
                             } else {
-                                p0 = fast_exp2(s[j][2 * r] - m_use);
-                                p1 = fast_exp2(s[j][2 * r + 1] - m_use);
+                                p0 = fast_exp2(s[mt][j][2 * r] - m_use);
+                                p1 = fast_exp2(s[mt][j][2 * r + 1] - m_use);
                             }
-                            s[j][2 * r] = p0;
-                            s[j][2 * r + 1] = p1;
+                            s[mt][j][2 * r] = p0;
+                            s[mt][j][2 * r + 1] = p1;
                             sum += p0 + p1;
                         }
-                        row_l[r] = row_l[r] * alpha + sum;
+                        row_l[ri] = row_l[ri] * alpha + sum;
 #pragma unroll
                         for (int j = 0; j < kDT; ++j) {
-                            o[j][2 * r] *= alpha;
-                            o[j][2 * r + 1] *= alpha;
+                            o[mt][j][2 * r] *= alpha;
+                            o[mt][j][2 * r + 1] *= alpha;
                         }
                     }
                 };
                 if (fast) {
-                    softmax(std::false_type{});
+                    softmax(std::integral_constant<int, 0>{});
+                } else if (plain) {
+                    softmax(std::integral_constant<int, 1>{});
                 } else {
-                    softmax(std::true_type{});
+                    softmax(std::integral_constant<int, 2>{});
                 }
 
                 // O += P V, P straight from the S accumulators (C layout of two n8 tiles = A
-                // layout of one k16 slice).
+                // layout of one k16 slice); each V fragment feeds kMT MMAs.
 #pragma unroll
                 for (int kk = 0; kk < kBlockN / 16; ++kk) {
-                    uint32_t a[4];
-                    a[0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-                    a[1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-                    a[2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                    a[3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+                    uint32_t a[kMT][4];
+#pragma unroll
+                    for (int mt = 0; mt < kMT; ++mt) {
+                        a[mt][0] = Mma<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                        a[mt][1] = Mma<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                        a[mt][2] = Mma<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                        a[mt][3] = Mma<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                    }
 #pragma unroll
                     for (int dn = 0; dn < kD / 16; ++dn) {
                         uint32_t bv[4];
                         int key = kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
                         int col = dn * 16 + (lane / 16) * 8;
                         ldmatrix_x4_trans(bv, smem_u32(sVs + key * kStride + col));
-                        Mma<T>::run(o[2 * dn], a, bv[0], bv[1]);
-                        Mma<T>::run(o[2 * dn + 1], a, bv[2], bv[3]);
+#pragma unroll
+                        for (int mt = 0; mt < kMT; ++mt) {
+                            Mma<T>::run(o[mt][2 * dn], a[mt], bv[0], bv[1]);
+                            Mma<T>::run(o[mt][2 * dn + 1], a[mt], bv[2], bv[3]);
+                        }
                     }
                 }
             }
@@ -432,19 +477,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
 
     // Epilogue: finish the row sums across the quad, normalize, store.
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float l = row_l[r];
+    for (int ri = 0; ri < kR; ++ri) {
+        float l = row_l[ri];
         l += __shfl_xor_sync(0xffffffff, l, 1);
         l += __shfl_xor_sync(0xffffffff, l, 2);
-        row_l[r] = l;
+        row_l[ri] = l;
     }
     if (!warp_active) return;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        if (!row_ok[r]) continue;
-        const float l = row_l[r];
+    for (int ri = 0; ri < kR; ++ri) {
+        const int m = row_m_of(ri);
+        if (m >= p.m_rows) continue;
+        const int mt = ri / 2, r = ri % 2;
+        const float l = row_l[ri];
         const float inv = l > 0.f ? 1.f / l : 0.f;  // no visible key: zeros, never NaN
-        const int i = row_i[r], h = row_h[r];
+        const int i = m / p.group, h = kvh * p.group + m % p.group;
         if (p.write_accum) {
             const int64_t row =
                 (((int64_t)split * p.batch + b) * p.q_heads + h) * p.q_len + i;
@@ -454,11 +501,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                 int col = j * 8 + 2 * t4;
                 if (col < p.dv) {
                     *reinterpret_cast<float2*>(dst + col) =
-                        make_float2(o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
+                        make_float2(o[mt][j][2 * r] * inv, o[mt][j][2 * r + 1] * inv);
                 }
             }
             if (t4 == 0) {
-                float m_nat = row_m[r] * (additive ? 1.f : 0.6931471805599453f);
+                float m_nat = row_m[ri] * (additive ? 1.f : 0.6931471805599453f);
                 p.lse_accum[row] = l > 0.f ? m_nat + logf(l) : -INFINITY;
             }
         } else {
@@ -467,7 +514,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
 #pragma unroll
             for (int j = 0; j < kDT; ++j) {
                 int col = j * 8 + 2 * t4;
-                if (col < p.dv) Mma<T>::store2(dst + col, o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
+                if (col < p.dv)
+                    Mma<T>::store2(dst + col, o[mt][j][2 * r] * inv, o[mt][j][2 * r + 1] * inv);
             }
         }
     }

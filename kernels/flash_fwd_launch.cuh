@@ -2,6 +2,7 @@
 // (padded head size, dtype) by the generated flash_fwd_hdim<D>_<dtype>.cu files.
 #pragma once
 
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -45,9 +46,15 @@ void run_fwd(const FwdParams& p, cudaStream_t stream) {
     constexpr TileShape small = fwd_tile(kD, true);
     constexpr TileShape big = fwd_tile(kD, false);
     if (p.m_rows <= kSmallRows) {
-        launch_fwd<FwdConfig<kD, small.block_m, small.block_n, T>>(p, stream);
+        launch_fwd<FwdConfig<kD, small.block_m, small.block_n, small.warps, T>>(p, stream);
     } else {
-        launch_fwd<FwdConfig<kD, big.block_m, big.block_n, T>>(p, stream);
+#ifdef FLASH_ORT_TILE_EXPERIMENT
+        // Dev-only A/B of tile shapes in one binary (FLASH_ORT_TILE=1|2).
+        static const int alt = getenv("FLASH_ORT_TILE") ? atoi(getenv("FLASH_ORT_TILE")) : 0;
+        if (kD <= 128 && alt == 1) return launch_fwd<FwdConfig<kD, 128, 64, 8, T>>(p, stream);
+        if (kD <= 128 && alt == 2) return launch_fwd<FwdConfig<kD, 64, 64, 4, T>>(p, stream);
+#endif
+        launch_fwd<FwdConfig<kD, big.block_m, big.block_n, big.warps, T>>(p, stream);
     }
 }
 
