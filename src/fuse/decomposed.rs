@@ -442,6 +442,25 @@ pub fn match_softmax(
     let Some(kd) = kd else {
         return Err(Skip::new("rank-unknown", s.label(qk), "rank of K unknown"));
     };
+    // 3D batched [B·H, S, D] tensors run as 4D [1, B·H, S, D]: one batch of B·H heads.
+    let batched3d = qd.len() == 3 && kd.len() == 3 && vd.len() == 3;
+    let lift = |d: &[Dim]| -> Vec<Dim> {
+        if batched3d {
+            std::iter::once(Dim::Val(1))
+                .chain(d.iter().cloned())
+                .collect()
+        } else {
+            d.to_vec()
+        }
+    };
+    let (qd, kd, vd) = (lift(qd), lift(&kd), lift(vd));
+    if batched3d && rank != 3 {
+        return Err(Skip::new(
+            "mask-not-broadcastable",
+            s.label(sm),
+            format!("3D batched attention whose scores have rank {rank}"),
+        ));
+    }
     if qd.len() != 4 || kd.len() != 4 || vd.len() != 4 {
         return Err(Skip::new(
             "rank-unsupported",
@@ -525,11 +544,18 @@ pub fn match_softmax(
     }
 
     // The mask: causal proven → is_causal; the rest combined into one attn_mask.
-    let score_dims = v.dims(&scores).map(<[Dim]>::to_vec);
+    let score_dims = v.dims(&scores).map(|d| lift(d));
+    if batched3d && score_dims.as_ref().is_none_or(|d| d.len() != 4) {
+        return Err(Skip::new(
+            "rank-unsupported",
+            s.label(qk),
+            "3D batched scores are not rank 3",
+        ));
+    }
     let m = mask::build(
         v,
         &masks,
-        qd,
+        &qd,
         &kd,
         score_dims.as_deref(),
         elem,
@@ -549,13 +575,26 @@ pub fn match_softmax(
     if let Some(c) = softcap {
         attrs.push(plan::attr_float("softcap", c as f32));
     }
-    let inputs = vec![
+    let mut inputs = vec![
         q.clone(),
         k.clone(),
         vv.clone(),
         m.tensor.clone().unwrap_or_default(),
     ];
-    extra_nodes.push(plan::flash_node(base, inputs, vec![y_out], attrs));
+    let mut out = y_out.clone();
+    if batched3d {
+        // Unsqueeze Q, K, V and the mask at axis 0, run, squeeze Y back to [B·H, S, Dv].
+        let mut axes = plan::Axes::new(opset, names, &s.label(sm), &mut extra_nodes);
+        for t in inputs.iter_mut().filter(|t| !t.is_empty()) {
+            *t = axes.apply("Unsqueeze", t, names, &mut extra_nodes);
+        }
+        out = names.fresh(&format!("{y_out}/bhsd"));
+    }
+    extra_nodes.push(plan::flash_node(base, inputs, vec![out.clone()], attrs));
+    if batched3d {
+        let mut axes = plan::Axes::new(opset, names, &s.label(sm), &mut extra_nodes);
+        axes.apply_to("Squeeze", &out, &y_out, names, &mut extra_nodes);
+    }
 
     let mut remove: Vec<usize> = core.into_iter().collect();
     remove.sort_unstable();
@@ -569,7 +608,11 @@ pub fn match_softmax(
             softcap: softcap.map(|c| c as f32),
             mask: m.description,
             gqa_folded: gqa,
-            layout: "BHSD".into(),
+            layout: if batched3d {
+                "3D batched [B·H, S, D]".into()
+            } else {
+                "BHSD".into()
+            },
         },
     })
 }
@@ -731,6 +774,11 @@ fn untranspose_k(
         let perm = attr_ints(n, "perm").unwrap_or_default();
         match v.rank(&x) {
             Some(4) => {}
+            // 3D batched attention: [B·H, S, D] with Kᵀ = Transpose[0, 2, 1].
+            Some(3) if perm == [0, 2, 1] => {
+                s.core.push(p);
+                return Ok(Untransposed::Same(x));
+            }
             Some(r) => {
                 return Err(Skip::new(
                     "rank-unsupported",
