@@ -544,7 +544,7 @@ pub fn match_softmax(
     }
 
     // The mask: causal proven → is_causal; the rest combined into one attn_mask.
-    let score_dims = v.dims(&scores).map(|d| lift(d));
+    let score_dims = v.dims(&scores).map(lift);
     if batched3d && score_dims.as_ref().is_none_or(|d| d.len() != 4) {
         return Err(Skip::new(
             "rank-unsupported",
