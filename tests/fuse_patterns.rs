@@ -327,3 +327,10 @@ fn onnx_checker_accepts_every_fused_graph() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(files.len() >= 15);
 }
+
+#[test]
+fn softcap_after_a_score_scale() {
+    let n = check_variant("fuse_softcap_score_scale.onnx");
+    assert_eq!(attr_f(&n, "softcap"), Some(30.0));
+    assert_eq!(attr_f(&n, "scale"), Some(0.25));
+}

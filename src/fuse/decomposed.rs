@@ -358,10 +358,8 @@ pub fn match_softmax(
                         "a Mul/Div on the score path with no constant scalar operand",
                     ));
                 };
-                // A factor applied after softcap scales its output: not expressible.
-                if phase == 1 {
-                    return Err(Skip::new("softcap-unrecognized", s.label(p), "a scale factor between the score MatMul and softcap is fine, but not inside it"));
-                }
+                // Met after softcap (walking up) means applied before it: that is the operator's
+                // order (scale, then softcap). A factor after softcap was met first and set phase 2.
                 s.scale *= f;
                 phase = 2;
                 t = data;

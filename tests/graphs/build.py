@@ -189,15 +189,18 @@ def gqa_repeat_kv():
     finish(g, g.op("MatMul", [p, v]), "fuse_gqa_repeat_kv.onnx")
 
 
-def softcap():
-    """Gemma-2 style softcap: scale, then Div(30) → Tanh → Mul(30)."""
+def softcap(fname="fuse_softcap.onnx", scale_on_scores=False):
+    """Gemma-2 style softcap: scale (on Q, or on the scores), then Div(30) → Tanh → Mul(30)."""
     g = G()
     x = encoder_start(g)
     q, k, v = heads(g, x), heads(g, x), heads(g, x)
-    s = g.op("MatMul", [g.op("Mul", [q, g.const(0.25)]), g.op("Transpose", [k], perm=[0, 1, 3, 2])])
+    if scale_on_scores:
+        s = g.op("Mul", [g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])]), g.const(0.25)])
+    else:
+        s = g.op("MatMul", [g.op("Mul", [q, g.const(0.25)]), g.op("Transpose", [k], perm=[0, 1, 3, 2])])
     s = g.op("Mul", [g.op("Tanh", [g.op("Div", [s, g.const(30.0)])]), g.const(30.0)])
     p = g.op("Softmax", [s], axis=3)
-    finish(g, g.op("MatMul", [p, v]), "fuse_softcap.onnx")
+    finish(g, g.op("MatMul", [p, v]), fname)
 
 
 def gpt2_causal_buffer():
@@ -398,6 +401,7 @@ def main():
     dynamo_k_reshape()
     gqa_repeat_kv()
     softcap()
+    softcap("fuse_softcap_score_scale.onnx", scale_on_scores=True)
     gpt2_causal_buffer()
     t5_position_bias()
     cross_attention()
