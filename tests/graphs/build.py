@@ -395,6 +395,65 @@ def simple(fname, *, axis=-1, scale_input=False, scores_out=False, extra_reader=
     g.save(fname, opset=18)
 
 
+def more_negatives():
+    """The remaining constructible skip reasons, one small graph each."""
+    # batch-mismatch: K has a static batch of 1 that MatMul broadcasts over Q's batch of 2.
+    g = G()
+    qn = g.input("q", T.FLOAT, [2, H, 5, D])
+    kn = g.input("k", T.FLOAT, [1, H, 5, D])
+    vn = g.input("v", T.FLOAT, [2, H, 5, D])
+    p = g.op("Softmax", [g.op("MatMul", [qn, g.op("Transpose", [kn], perm=[0, 1, 3, 2])])], axis=-1)
+    g.nodes.append(h.make_node("MatMul", [p, vn], ["y"], name="pv"))
+    g.output("y", T.FLOAT, [2, H, 5, D])
+    g.save("skip_batch-mismatch.onnx")
+
+    # pv-matmul-missing: the probabilities go through a Relu before the MatMul with V.
+    g = G()
+    qn, kn, vn = (g.input(n, T.FLOAT, ["B", H, "S", D]) for n in "qkv")
+    p = g.op("Softmax", [g.op("MatMul", [qn, g.op("Transpose", [kn], perm=[0, 1, 3, 2])])], axis=-1)
+    g.nodes.append(h.make_node("MatMul", [g.op("Relu", [p]), vn], ["y"], name="pv"))
+    g.output("y", T.FLOAT, ["B", H, "S", D])
+    g.save("skip_pv-matmul-missing.onnx")
+
+    # score-path-ambiguous: two products added before the Softmax.
+    g = G()
+    qn, kn, vn = (g.input(n, T.FLOAT, ["B", H, "S", D]) for n in "qkv")
+    s1 = g.op("MatMul", [qn, g.op("Transpose", [kn], perm=[0, 1, 3, 2])])
+    s2 = g.op("MatMul", [kn, g.op("Transpose", [qn], perm=[0, 1, 3, 2])])
+    p = g.op("Softmax", [g.op("Add", [s1, s2])], axis=-1)
+    g.nodes.append(h.make_node("MatMul", [p, vn], ["y"], name="pv"))
+    g.output("y", T.FLOAT, ["B", H, "S", D])
+    g.save("skip_score-path-ambiguous.onnx")
+
+    # no-score-matmul: a Softmax over a sum of inputs, then a MatMul.
+    g = G()
+    a, b = g.input("a", T.FLOAT, ["B", H, "S", "S"]), g.input("b", T.FLOAT, ["B", H, "S", "S"])
+    vn = g.input("v", T.FLOAT, ["B", H, "S", D])
+    p = g.op("Softmax", [g.op("Add", [a, b])], axis=-1)
+    g.nodes.append(h.make_node("MatMul", [p, vn], ["y"], name="pv"))
+    g.output("y", T.FLOAT, ["B", H, "S", D])
+    g.save("skip_no-score-matmul.onnx")
+
+    # rank-unknown: the scores come through an op flash-ort does not infer shapes for (Einsum).
+    g = G()
+    qn, kn, vn = (g.input(n, T.FLOAT, ["B", H, "S", D]) for n in "qkv")
+    s = g.op("Einsum", [qn, kn], equation="bhqd,bhkd->bhqk")
+    p = g.op("Softmax", [s], axis=-1)
+    g.nodes.append(h.make_node("MatMul", [p, vn], ["y"], name="pv"))
+    g.output("y", T.FLOAT, ["B", H, "S", D])
+    g.save("skip_rank-unknown.onnx")
+
+    # mask-dtype-mismatch: float16 attention with a float32 mask added after a Cast.
+    g = G()
+    qn, kn, vn = (g.input(n, T.FLOAT16, ["B", H, "S", D]) for n in "qkv")
+    s = g.op("Cast", [g.op("MatMul", [qn, g.op("Transpose", [kn], perm=[0, 1, 3, 2])])], to=T.FLOAT)
+    s = g.op("Add", [s, g.input("mask", T.FLOAT, ["B", 1, 1, "S"])])
+    p = g.op("Cast", [g.op("Softmax", [s], axis=-1)], to=T.FLOAT16)
+    g.nodes.append(h.make_node("MatMul", [p, vn], ["y"], name="pv"))
+    g.output("y", T.FLOAT16, ["B", H, "S", D])
+    g.save("skip_mask-dtype-mismatch.onnx")
+
+
 def main():
     bert_eager()
     sdpa_sqrt_scale()
@@ -430,6 +489,7 @@ def main():
     simple("skip_score-op-unsupported.onnx", relu=True)
     onnx_attention("skip_causal-alignment-ambiguous.onnx", causal=1, kv_seq="T")
     onnx_attention("skip_qk-output-used.onnx", qk_out=True)
+    more_negatives()
 
 
 if __name__ == "__main__":
