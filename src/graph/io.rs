@@ -80,6 +80,8 @@ pub fn decode_model(bytes: Vec<u8>, what: &str) -> Result<ModelProto> {
             "{what} is not an ONNX model: no ir_version"
         )));
     }
+    super::validate::check_model(&model)
+        .map_err(|e| Error::InvalidArgument(format!("{what} is not a valid ONNX model: {e}")))?;
     Ok(model)
 }
 

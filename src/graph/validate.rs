@@ -2,7 +2,7 @@
 //! inputs and outputs that op requires (a malformed file is refused here, so the matcher can index
 //! a Transpose's input 0 without a crash).
 
-use super::onnx::{GraphProto, ModelProto, NodeProto};
+use super::onnx::{ModelProto, NodeProto};
 
 /// (op, required inputs, required outputs) for the default-domain ops the matcher and the shape
 /// inference read by position. Required inputs must also be non-empty names.
@@ -70,13 +70,14 @@ fn check_node(n: &NodeProto, where_: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_graph(g: &GraphProto, where_: &str) -> Result<(), String> {
-    for n in &g.node {
+/// Checks `nodes` and, recursively, the subgraphs in their attributes.
+fn check_nodes(nodes: &[NodeProto], where_: &str) -> Result<(), String> {
+    for n in nodes {
         check_node(n, where_)?;
         for a in &n.attribute {
             for sub in a.g.iter().chain(a.graphs.iter()) {
-                check_graph(
-                    sub,
+                check_nodes(
+                    &sub.node,
                     &format!("{where_}/{}", a.name.as_deref().unwrap_or("?")),
                 )?;
             }
@@ -88,13 +89,13 @@ fn check_graph(g: &GraphProto, where_: &str) -> Result<(), String> {
 /// Checks every graph, subgraph and function body of `m`.
 pub fn check_model(m: &ModelProto) -> Result<(), String> {
     if let Some(g) = &m.graph {
-        check_graph(g, "graph")?;
+        check_nodes(&g.node, "graph")?;
     }
     for f in &m.functions {
-        let fname = format!("function {}", f.name.as_deref().unwrap_or("?"));
-        for n in &f.node {
-            check_node(n, &fname)?;
-        }
+        check_nodes(
+            &f.node,
+            &format!("function {}", f.name.as_deref().unwrap_or("?")),
+        )?;
     }
     Ok(())
 }
