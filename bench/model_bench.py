@@ -21,8 +21,9 @@ How it measures (each choice is there because a simpler one gave wrong numbers):
   point one run at a tiny shape with `memory.enable_memory_arena_shrinkage` returns every free
   region to the driver; device memory in use after the first run at the point, minus what was in
   use before the session was made, is the point's peak (the arena keeps whatever it grew to during
-  that run). Read through NVML (device-wide: nothing else may run on the GPU meanwhile), else
-  torch.cuda.mem_get_info, else nvidia-smi.
+  that run). Read through NVML, else torch.cuda.mem_get_info, else nvidia-smi. NVML's
+  per-process figure is used where it lists this process, so other work on the GPU does not
+  count; otherwise (device-wide figures) nothing else may run on the GPU meanwhile.
 - CPU provider: the CPU arena is off and the peak is the process's peak RSS (VmHWM, reset before
   each point) minus the RSS before the session was made.
 - Latency: first run (the memory run), one warm-up, then repeats until `--target-s` seconds of
@@ -170,7 +171,9 @@ class DeviceMemory:
             pynvml.nvmlInit()
             self.nvml = pynvml
             self.handle = pynvml.nvmlDeviceGetHandleByIndex(device_id)
-            self.how = "nvml"
+            # This process's own usage when NVML lists it (the caller has made its CUDA context
+            # already), so other work on the GPU cannot pollute the figure; else device-wide.
+            self.how = "nvml-process" if self._own() is not None else "nvml-device"
             return
         except Exception:
             pass
@@ -187,6 +190,12 @@ class DeviceMemory:
             return
         raise RuntimeError("no way to read GPU memory: need pynvml, torch with CUDA or nvidia-smi")
 
+    def _own(self):
+        for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle):
+            if p.pid == os.getpid() and isinstance(p.usedGpuMemory, int):
+                return int(p.usedGpuMemory)
+        return None
+
     def reset_peak(self):
         if self.how == "VmHWM":
             try:  # "5" resets the peak RSS counter of this process (Linux >= 4.0)
@@ -198,7 +207,9 @@ class DeviceMemory:
     def used(self) -> int:
         if self.how == "VmHWM":
             return proc_status("VmHWM")
-        if self.how == "nvml":
+        if self.how == "nvml-process":
+            return self._own() or 0
+        if self.how == "nvml-device":
             return int(self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used)
         if self.how == "torch.cuda.mem_get_info":
             free, total = self.torch.cuda.mem_get_info(self.device_id)
@@ -254,6 +265,10 @@ def child(spec: dict) -> int:
             ort.preload_dlls()
         except Exception:
             pass
+    if provider == "cuda":
+        # Make this process's CUDA context first (a one-element device tensor), so the memory
+        # baseline below already holds it and NVML can list this process.
+        ctx = ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.float32), "cuda", dev)
     mem = DeviceMemory(provider, dev)
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -606,7 +621,11 @@ def markdown(res: dict) -> str:
         if not forms:
             continue
         cfg = info.get("config", {})
-        fused = ", ".join(f"{f}: {info['forms'].get(f, {}).get('fused_sites', '—')}" for f in forms if f != "unfused")
+        fused = ", ".join(f"{f}: {(info['forms'].get(f) or {}).get('fused_sites', '—')}" for f in forms if f != "unfused")
+        oo = info["forms"].get("ort_opt") or {}
+        if "ort_opt" not in forms and oo.get("tried"):
+            fused += "; ORT transformer optimizer: " + ", ".join(
+                f"{t['model_type']}: {t['fused'] if 'fused' in t else 'error ' + t.get('error', '')[:80]}" for t in oo["tried"])
         lines += [f"### {m}", "",
                   f"{info.get('architecture')}, {cfg.get('num_layers')} layers, hidden {cfg.get('hidden_size')}, "
                   f"{cfg.get('num_attention_heads')} heads ({cfg.get('num_key_value_heads')} KV), {info.get('dtype')}, "

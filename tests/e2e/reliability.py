@@ -121,8 +121,19 @@ class Memory:
 
             pynvml.nvmlInit()
             h = pynvml.nvmlDeviceGetHandleByIndex(0)
-            self.gpu = lambda: int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
-            self.how = "nvml"
+
+            def own():
+                for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
+                    if p.pid == os.getpid() and isinstance(p.usedGpuMemory, int):
+                        return int(p.usedGpuMemory)
+                return None
+
+            # This process's usage where NVML lists it (the session exists, so its CUDA context
+            # does): other work on the GPU then cannot look like a leak. Else device-wide.
+            if own() is not None:
+                self.gpu, self.how = own, "nvml-process"
+            else:
+                self.gpu, self.how = (lambda: int(pynvml.nvmlDeviceGetMemoryInfo(h).used)), "nvml-device"
         except Exception:
             try:
                 import torch
@@ -353,9 +364,9 @@ def main() -> int:
     a.max_seq = a.max_seq or facts.max_positions or 512
     if facts.flash_nodes == 0:
         log(f"warning: {a.model} has no com.flash nodes; checking it anyway")
-    mem = Memory(a.provider)
     t0 = time.time()
     sess = make_session(a.model, a.provider, a.library)
+    mem = Memory(a.provider)
     rec = {"model": a.label or Path(a.model).name, "provider": a.provider, "onnxruntime": ort.__version__,
            "flash_nodes": facts.flash_nodes, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
            "session_providers": sess.get_providers(), "checks": {}}
