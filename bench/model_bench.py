@@ -666,8 +666,12 @@ def markdown(res: dict) -> str:
         lines.append("")
     bad = [p for p in res["points"] if p["status"] not in ("ok", "oom", "skipped")]
     if bad:
-        lines += ["Errors:", ""] + [f"- {p['model']} / {p['form']} B={p['batch']} S={p['seq']}: {p['status']}: "
-                                    f"{(p.get('error') or p.get('reason') or '')[:200]}" for p in bad] + [""]
+        # One line per distinct message, with the points it hit.
+        groups = {}
+        for p in bad:
+            msg = f"{p['status']}: {(p.get('error') or p.get('reason') or '')[:200]}"
+            groups.setdefault((p["model"], p["form"], msg), []).append(f"B={p['batch']} S={p['seq']}")
+        lines += ["Errors:", ""] + [f"- {m} / {f} ({', '.join(pts)}): {msg}" for (m, f, msg), pts in groups.items()] + [""]
     return "\n".join(lines)
 
 

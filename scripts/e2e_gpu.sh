@@ -6,22 +6,24 @@
 #
 #   bash scripts/e2e_gpu.sh stash DIR     keep the MiniLM part(s) carried in DIR (e.g.
 #                                         .device-e2e-minilm0) in /tmp/e2e-parts for the main run
-#   bash scripts/e2e_gpu.sh run [--out DIR] [--budget-s 480] [--work /tmp/e2e]
-#        [--flash-ort BIN] [--lib SO] [--skip STAGES] [--soak-runs 10000]
+#   bash scripts/e2e_gpu.sh run [--out DIR] [--budget-s 450] [--work /tmp/e2e]
+#        [--flash-ort BIN] [--lib SO] [--skip STAGES] [--soak-runs 10000] [--maxseq-cap 131072]
 #   bash scripts/e2e_gpu.sh run --provider cpu --tiny ...   the same steps on the CPU with tiny
 #                                         configs: a rehearsal of this script on any machine
 #
-# Needs on the GPU machine: onnxruntime-gpu importable (eval "$(bash .carry-ort/unpack-ort-gpu.sh
-# unpack)"), the CUDA build of libflash_ort.so and the flash-ort CLI (--lib/--flash-ort, or
-# FLASH_ORT_LIB/FLASH_ORT_BIN, default target/release/), .device-e2e/ (scripts/e2e_stage.sh)
-# carried, and the MiniLM parts stashed. Python is python3 (PYTHON to change it).
+# Needs on the GPU machine: onnxruntime-gpu importable, or its parts stashed in /tmp/ort-gpu-parts
+# by unpack-ort-gpu.sh (then this script unpacks them); .device-e2e/ (scripts/e2e_stage.sh)
+# carried, with the CUDA build of libflash_ort.so and the flash-ort CLI in it (or --lib/--flash-ort,
+# FLASH_ORT_LIB/FLASH_ORT_BIN, else target/release/); the MiniLM parts stashed. Python is python3
+# (PYTHON to change it). tests/e2e/README.md lists the calls.
 #
 # Order (each stage checks the time left and is skipped, saying so, when it would not fit):
 #   1. exports of BERT-base (TorchScript, eager) and the LLaMA-style GQA decoder (dynamo opset 18,
 #      sdpa) in float16, in the background, while 2. the MiniLM check (CUDA, fp32 and fp16) and
 #      3. the quick reliability checks (8 threads, CUDA graph, bad inputs) on the fused MiniLM run;
 #   4. fuse (flash-ort; ORT's optimizer for BERT); 5. BERT-base and LLaMA at S = 2048, batch 1 and
-#      8 (the issue's headline); 6. GPT-2 export in the background during 7. the 10 000-run soak;
+#      8 (the issue's headline); 6. GPT-2 export in the background during 7. the 10 000-run soak
+#      and the reliability checks on the fused LLaMA-style decoder;
 #   8. the S grid (128 ... 32k) for BERT, LLaMA, GPT-2; 9. longest S per form; 10. ORT's optimizer
 #      on LLaMA and GPT-2 (does it fuse anything?); 11. the summary.
 # Stage names for --skip: export minilm quickrel headline soak grid maxseq ortopt.
@@ -40,9 +42,12 @@ fi
 
 out=${OUT:-/tmp/e2e-out}
 work=/tmp/e2e
-budget=480
-bin=${FLASH_ORT_BIN:-target/release/flash-ort}
-lib=${FLASH_ORT_LIB:-target/release/libflash_ort.so}
+budget=450
+maxseq_cap=131072
+# The binaries: FLASH_ORT_BIN/LIB, else those staged in .device-e2e/, else target/release/.
+staged() { [[ -e .device-e2e/$1 ]] && echo ".device-e2e/$1" || echo "target/release/$1"; }
+bin=${FLASH_ORT_BIN:-$(staged flash-ort)}
+lib=${FLASH_ORT_LIB:-$(staged libflash_ort.so)}
 skip=""
 provider=cuda
 tiny=""
@@ -58,6 +63,7 @@ while (($#)); do
     --provider) provider=$2; shift 2 ;;
     --tiny) tiny=--tiny; shift ;;
     --soak-runs) soak_runs=$2; shift 2 ;;
+    --maxseq-cap) maxseq_cap=$2; shift 2 ;;
     *) echo "e2e_gpu.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -82,6 +88,13 @@ within() {
 for f in "$bin" "$lib"; do [[ -e $f ]] || { echo "missing $f (--flash-ort / --lib)" >&2; exit 2; }; done
 dtype=float16
 if [[ $provider == cuda ]]; then
+  # onnxruntime-gpu: unpack the parts stashed by unpack-ort-gpu.sh when it is not importable yet.
+  if ! $PY -c 'import onnxruntime as o; o.preload_dlls(); assert "CUDAExecutionProvider" in o.get_available_providers()' 2>/dev/null; then
+    if [[ ! -d /tmp/ort-gpu/onnxruntime ]] && ls /tmp/ort-gpu-parts/ort.part* >/dev/null 2>&1; then
+      mkdir -p /tmp/ort-gpu && cat /tmp/ort-gpu-parts/ort.part* | xz -d | tar -x -C /tmp/ort-gpu
+    fi
+    [[ -d /tmp/ort-gpu/onnxruntime ]] && export PYTHONPATH=/tmp/ort-gpu${PYTHONPATH:+:$PYTHONPATH}
+  fi
   $PY - <<'EOF' || { echo "onnxruntime-gpu is not importable with CUDA: unpack it first" >&2; exit 2; }
 import onnxruntime as ort
 ort.preload_dlls()
@@ -143,8 +156,8 @@ if ! skipped minilm && fits 120; then
     say "2. MiniLM: export (dynamo 18, TorchScript 17), fuse, fp16, embeddings on CUDA"
     within 240 $PY examples/minilm/export_and_check.py --provider "$provider" --dtypes float32,float16 --model-dir "$minilm_model" \
       --out "$work/minilm_out" --json "$out/minilm_$provider.json" --flash-ort "$bin" --library "$lib" \
-      2> >(grep -v -i -E "warn|torchvision|^\s*$" >"$work/logs/minilm.log")
-    say "   MiniLM exit $?"; grep -E "^\[|fused" "$work/logs/minilm.log" | tail -12
+      >"$work/logs/minilm.log" 2>&1
+    say "   MiniLM exit $?"; grep -E "^\[(dyn|ts)|^\{|error" "$work/logs/minilm.log" | tail -14
   else
     say "2. MiniLM: SKIPPED, the model is not there (scripts/e2e_stage.sh, then e2e_gpu.sh stash per part)"
   fi
@@ -182,11 +195,30 @@ if ! skipped headline; then
   [[ -s $out/model_bench.json ]] && $PY bench/model_bench.py table "$out/model_bench.json" | tee "$out/model_bench.md"
 fi
 
-# --- 6./7. GPT-2 export in the background, the soak meanwhile ---------------------------------
+# --- 6./7. GPT-2 export in the background; meanwhile the soak and the decoder's reliability ----
 skipped export || export_bg gpt2_small dyn18:sdpa
-if ! skipped soak && [[ -e $m16 ]] && fits 60; then
-  say "7. soak: $soak_runs runs of the fused MiniLM (fp16), shapes B in {1,4} x S in {8..512}"
-  rel 150 --model "$m16" --label minilm_fused_fp16_soak --checks soak --runs "$soak_runs" --soak-max-s 120
+bert_flash=$work/bert_base/bert_base_eager_ts17.flash.onnx
+llama_flash=$work/llama_gqa_2k/llama_gqa_2k_sdpa_dyn18.flash.onnx
+if ! skipped soak && fits 60; then
+  if [[ -e $m16 ]]; then
+    say "7. soak: $soak_runs runs of the fused MiniLM (fp16), B in {1,4} x S in {8..512}"
+    rel 150 --model "$m16" --label minilm_fused_fp16_soak --checks soak --runs "$soak_runs" --soak-max-s 120
+  elif [[ -e $bert_flash ]]; then  # no MiniLM staged: the fused BERT-base instead
+    say "7. soak: $soak_runs runs of the fused BERT-base (fp16), B in {1,4} x S in {8..512}"
+    rel 150 --model "$bert_flash" --label bert_base_flash_soak --checks soak --runs "$soak_runs" --soak-max-s 120
+  fi
+fi
+if ! skipped quickrel; then
+  if [[ ! -e $m16 && -e $bert_flash ]] && fits 60; then
+    say "7. reliability (threads, CUDA graph; bad inputs apart) on the fused BERT-base"
+    rel 60 --model "$bert_flash" --label bert_base_flash --checks threads,cuda_graph
+    rel 45 --model "$bert_flash" --label bert_base_flash_bad_inputs --checks bad_inputs
+  fi
+  if [[ -e $llama_flash ]] && fits 80; then
+    say "7. reliability of a causal GQA decoder: the fused LLaMA-style model (S <= 512)"
+    rel 60 --model "$llama_flash" --label llama_gqa_2k_flash --checks threads,cuda_graph --max-seq 512
+    rel 45 --model "$llama_flash" --label llama_gqa_2k_flash_bad_inputs --checks bad_inputs --max-seq 512
+  fi
 fi
 if wait_export gpt2_small 120; then
   within 60 $PY bench/model_bench.py prepare --manifest "$work/gpt2_small/manifest_large.json" \
@@ -202,8 +234,8 @@ fi
 
 # --- 9. longest S (batch 1) ------------------------------------------------------------------------
 if ! skipped maxseq; then
-  ((have_bert)) && fits 30 && { say "9. bert_base longest S"; $PY bench/model_bench.py maxseq --provider "$provider" --forms "$bert_forms" --library "$lib" --out "$out/model_bench.json" --budget-s $(($(left) / 2)); }
-  ((have_llama)) && fits 30 && { say "9. llama_gqa_2k longest S"; $PY bench/model_bench.py maxseq --provider "$provider" --forms "$llama_forms" --library "$lib" --out "$out/model_bench.json" --budget-s $(($(left) - 40)); }
+  ((have_bert)) && fits 30 && { say "9. bert_base longest S"; $PY bench/model_bench.py maxseq --provider "$provider" --forms "$bert_forms" --library "$lib" --out "$out/model_bench.json" --cap "$maxseq_cap" --budget-s $(($(left) / 2)); }
+  ((have_llama)) && fits 30 && { say "9. llama_gqa_2k longest S"; $PY bench/model_bench.py maxseq --provider "$provider" --forms "$llama_forms" --library "$lib" --out "$out/model_bench.json" --cap "$maxseq_cap" --budget-s $(($(left) - 40)); }
 fi
 
 # --- 10. ORT's optimizer on the decoders -------------------------------------------------------------
