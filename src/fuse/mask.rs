@@ -2,6 +2,7 @@
 //! becomes `is_causal=1`; everything else is combined into one `attn_mask` (bool when it is a
 //! single selecting mask, float otherwise) and checked to broadcast to [B, Hq, Sq, Skv].
 
+use super::causal;
 use super::decomposed::MASK_FILL_MAX;
 use super::plan::{self, Names};
 use super::reason::Skip;
@@ -27,6 +28,8 @@ pub enum MaskTerm {
 pub struct BuiltMask {
     pub tensor: Option<String>,
     pub is_causal: bool,
+    /// From a proven sliding window.
+    pub window_left: Option<i64>,
     pub nodes: Vec<NodeProto>,
     pub description: String,
 }
@@ -44,19 +47,73 @@ pub fn build(
     site: &str,
 ) -> Result<BuiltMask, Skip> {
     let mut is_causal = false;
+    let mut window_left = None;
     let mut rest = Vec::new();
+    let mut nodes = Vec::new();
+    // Masks rebuilt from proven-broadcastable parts; not in the inferred shapes, so not rechecked.
+    let mut prechecked: Vec<String> = Vec::new();
+    let (sq, skv) = (&qd[2], &kd[2]);
     for t in terms {
-        if !is_causal && causal_term(v, t, qd, kd) {
+        if causal_term(v, t, qd, kd) {
             is_causal = true;
-        } else {
-            rest.push(t.clone());
+            continue;
         }
+        // (window, parts to check, how to rebuild the rest)
+        let split = match t {
+            MaskTerm::Additive(m) => causal::split_additive(v, m, sq, skv).map(|fs| {
+                let parts: Vec<String> = fs
+                    .split
+                    .rest
+                    .iter()
+                    .chain(fs.others.iter())
+                    .cloned()
+                    .collect();
+                (fs.split.window_left, parts, Err(fs))
+            }),
+            MaskTerm::Select {
+                cond,
+                keep_when_true: true,
+                fill,
+            } => causal::split_bool(v, cond, sq, skv)
+                .map(|sp| (sp.window_left, sp.rest.clone(), Ok((sp.rest, fill.clone())))),
+            _ => None,
+        };
+        let Some((window, parts, rebuild)) = split else {
+            rest.push(t.clone());
+            continue;
+        };
+        for r in &parts {
+            check_broadcast(v, r, score_dims, site)?;
+        }
+        is_causal = true;
+        window_left = window_left.or(window);
+        let mut add =
+            |op: &str, inputs: Vec<String>| push(names, &mut nodes, site, op, inputs, vec![]);
+        let term = match rebuild {
+            Err(fs) => causal::rebuild_float(fs, &mut add).map(MaskTerm::Additive),
+            Ok((conds, fill)) => {
+                causal::rebuild_bool(conds, &mut add).map(|cond| MaskTerm::Select {
+                    cond,
+                    keep_when_true: true,
+                    fill,
+                })
+            }
+        };
+        let Some(term) = term else { continue };
+        prechecked.push(match &term {
+            MaskTerm::Additive(m) => m.clone(),
+            MaskTerm::Select { cond, .. } => cond.clone(),
+        });
+        rest.push(term);
     }
     for t in &rest {
         let name = match t {
             MaskTerm::Additive(m) => m,
             MaskTerm::Select { cond, .. } => cond,
         };
+        if prechecked.contains(name) {
+            continue;
+        }
         check_broadcast(v, name, score_dims, site)?;
         if let MaskTerm::Additive(m) = t {
             if let (Some(me), Some(qe)) = (v.elem(m), elem) {
@@ -70,7 +127,6 @@ pub fn build(
             }
         }
     }
-    let mut nodes = Vec::new();
     let additive: Vec<&String> = rest
         .iter()
         .filter_map(|t| {
@@ -101,7 +157,7 @@ pub fn build(
     } else if additive.is_empty() && selects.len() == 1 {
         let (cond, keep, _) = selects[0];
         let mut c = cond.clone();
-        if v.elem(&c) != Some(DataType::Bool as i32) {
+        if v.elem(&c) != Some(DataType::Bool as i32) && !prechecked.contains(&c) {
             c = push(
                 names,
                 &mut nodes,
@@ -144,7 +200,7 @@ pub fn build(
                 ),
             };
             let mut c = (*cond).clone();
-            if v.elem(&c) != Some(DataType::Bool as i32) {
+            if v.elem(&c) != Some(DataType::Bool as i32) && !prechecked.contains(&c) {
                 c = push(
                     names,
                     &mut nodes,
@@ -177,9 +233,14 @@ pub fn build(
     } else {
         description
     };
+    let description = match window_left {
+        Some(w) => format!("{description}, window_left={w}"),
+        None => description,
+    };
     Ok(BuiltMask {
         tensor,
         is_causal,
+        window_left,
         nodes,
         description,
     })

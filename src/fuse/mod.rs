@@ -2,7 +2,9 @@
 //! node. Every Softmax and every ONNX `Attention` node is a candidate site; each ends fused or
 //! skipped with a reason. Main graph, subgraphs (If/Loop/Scan bodies) and functions are searched.
 
+pub mod causal;
 pub mod decomposed;
+pub mod gqa;
 pub mod mask;
 pub mod plan;
 pub mod reason;

@@ -19,21 +19,28 @@ fn reads(n: &NodeProto, out: &mut HashSet<String>) {
 }
 
 pub fn apply(g: &mut GraphProto, plans: &[Plan]) {
-    let remove: HashSet<usize> = plans
+    // The anchor (whose outputs the fused node now produces) goes at once; the site's other
+    // nodes become dead-code candidates, removed below only when nothing reads them any more
+    // (a Shape reader elsewhere may keep one alive, which is correct, just not faster).
+    let anchors: HashSet<usize> = plans.iter().map(|p| p.anchor).collect();
+    let inserts: HashMap<usize, &Vec<NodeProto>> =
+        plans.iter().map(|p| (p.anchor, &p.new_nodes)).collect();
+    let site_nodes: HashSet<usize> = plans
         .iter()
         .flat_map(|p| p.remove.iter().copied())
         .collect();
-    let inserts: HashMap<usize, &Vec<NodeProto>> =
-        plans.iter().map(|p| (p.anchor, &p.new_nodes)).collect();
     let mut candidates: HashSet<String> = HashSet::new();
     let old = std::mem::take(&mut g.node);
     for (i, n) in old.into_iter().enumerate() {
         if let Some(new) = inserts.get(&i) {
             g.node.extend(new.iter().cloned());
         }
-        if remove.contains(&i) {
+        if anchors.contains(&i) {
             candidates.extend(n.input.iter().filter(|s| !s.is_empty()).cloned());
         } else {
+            if site_nodes.contains(&i) {
+                candidates.extend(n.output.iter().filter(|s| !s.is_empty()).cloned());
+            }
             g.node.push(n);
         }
     }

@@ -174,6 +174,35 @@ fn broadcast(a: &[Dim], b: &[Dim], infos: &mut Infos) -> Vec<Dim> {
     out
 }
 
+/// The size a Reshape's -1 takes: the input's element count divided by the other target dims,
+/// cancelling equal symbols (so [batch, seq, 32] → [batch, seq, -1, 16] gives 2).
+fn infer_minus_one(input: &[Dim], others: &[Dim]) -> Option<Dim> {
+    let mut syms: Vec<&Dim> = input.iter().filter(|d| d.val().is_none()).collect();
+    // Products like `batch*sequence` cancel factor by factor.
+    let _ = &mut syms;
+    let mut num: i64 = input
+        .iter()
+        .filter_map(Dim::val)
+        .try_fold(1i64, |a, b| a.checked_mul(b))?;
+    let mut den: i64 = 1;
+    for d in others {
+        match d {
+            Dim::Val(v) => den = den.checked_mul(*v)?,
+            sym => {
+                let k = syms.iter().position(|s| *s == sym)?;
+                syms.remove(k);
+            }
+        }
+    }
+    if den <= 0 || num % den != 0 {
+        return None;
+    }
+    num /= den;
+    // What is left is the product of the symbols that did not cancel.
+    syms.into_iter()
+        .try_fold(Dim::Val(num), |acc, s| product(&acc, s, false))
+}
+
 fn norm_axis(axis: i64, rank: usize) -> Option<usize> {
     let a = if axis < 0 { axis + rank as i64 } else { axis };
     (0..rank as i64).contains(&a).then_some(a as usize)
@@ -194,6 +223,8 @@ fn int_arith(op: &str, a: &Dim, b: &Dim) -> Option<Dim> {
         ("Equal", Dim::Sym(_), Dim::Val(v)) | ("Equal", Dim::Val(v), Dim::Sym(_)) if *v < 0 => {
             Some(Dim::Val(0))
         }
+        ("Mul", x, y) => product(x, y, false),
+        ("Div", x, y) => product(x, y, true),
         (_, Dim::Val(x), Dim::Val(y)) => match op {
             "Add" => x.checked_add(*y).map(Dim::Val),
             "Sub" => x.checked_sub(*y).map(Dim::Val),
@@ -206,6 +237,40 @@ fn int_arith(op: &str, a: &Dim, b: &Dim) -> Option<Dim> {
         },
         _ => None,
     }
+}
+
+/// A dim as coefficient × symbols (a symbol may itself be a product written `a*b`).
+fn factors(d: &Dim) -> (i64, Vec<String>) {
+    match d {
+        Dim::Val(v) => (*v, vec![]),
+        Dim::Sym(s) => (1, s.split('*').map(str::to_string).collect()),
+    }
+}
+
+/// x·y or x/y over symbolic products (`batch*sequence / batch` = `sequence`); a division that is
+/// not exact gives None.
+fn product(x: &Dim, y: &Dim, divide: bool) -> Option<Dim> {
+    let (kx, mut fx) = factors(x);
+    let (ky, fy) = factors(y);
+    let k = if divide {
+        if ky == 0 || kx % ky != 0 {
+            return None;
+        }
+        for f in fy {
+            let i = fx.iter().position(|g| *g == f)?;
+            fx.remove(i);
+        }
+        kx / ky
+    } else {
+        fx.extend(fy);
+        kx.checked_mul(ky)?
+    };
+    fx.sort();
+    Some(match (k, fx.is_empty()) {
+        (k, true) => Dim::Val(k),
+        (1, false) => Dim::Sym(fx.join("*")),
+        (k, false) => Dim::Sym(format!("{k}*{}", fx.join("*"))),
+    })
 }
 
 fn float_arith(op: &str, a: f64, b: f64) -> Option<f64> {
@@ -302,6 +367,9 @@ fn set(infos: &mut Infos, name: &str, mut info: Info) {
                     .zip(old_d)
                     .map(|(a, b)| match (a, b) {
                         (Dim::Sym(s), Dim::Val(v)) if s.starts_with('?') => Dim::Val(*v),
+                        (Dim::Sym(s), Dim::Sym(t)) if s.starts_with('?') && !t.starts_with('?') => {
+                            Dim::Sym(t.clone())
+                        }
                         _ => a.clone(),
                     })
                     .collect();
@@ -698,18 +766,14 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
                         })
                         .collect();
                     if let Some(pos) = t.iter().position(|d| *d == Dim::Val(-1)) {
-                        let total: Option<i64> = x
-                            .dims
-                            .as_ref()
-                            .and_then(|d| d.iter().map(Dim::val).product());
-                        let rest: Option<i64> = out
+                        let others: Option<Vec<Dim>> = out
                             .iter()
                             .enumerate()
                             .filter(|(i, _)| *i != pos)
-                            .map(|(_, d)| d.as_ref().and_then(Dim::val))
-                            .product();
-                        out[pos] = match (total, rest) {
-                            (Some(t), Some(r)) if r > 0 => Some(Dim::Val(t / r)),
+                            .map(|(_, d)| d.clone())
+                            .collect();
+                        out[pos] = match (&x.dims, others) {
+                            (Some(xd), Some(others)) => infer_minus_one(xd, &others),
                             _ => None,
                         };
                     }
@@ -1002,19 +1066,38 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
             } else {
                 None
             };
+            // Small integer fills (torch's `expand` writes ConstantOfShape(…) · −1) keep values.
+            let ints = match (dims.as_deref(), t.and_then(tensor::ints).as_deref()) {
+                (Some([Dim::Val(n)]), Some([fill])) if (0..=64).contains(n) => {
+                    Some(vec![Dim::Val(*fill); *n as usize])
+                }
+                _ => None,
+            };
             set(
                 infos,
                 &out0,
                 Info {
                     elem,
                     dims,
-                    ints: None,
+                    ints,
                     scalar,
                 },
             );
         }
         "Range" => {
-            let dims = Some(vec![infos.fresh()]);
+            // Range(0, n, 1) has n elements; anything else gets a fresh symbol.
+            let scalar = |k: usize| match inp(k).and_then(|s| infos.ints(s)) {
+                Some([d]) => Some(d.clone()),
+                _ => None,
+            };
+            let len = match (scalar(0), scalar(1), scalar(2)) {
+                (Some(Dim::Val(0)), Some(n), Some(Dim::Val(1))) => n,
+                (Some(Dim::Val(a)), Some(Dim::Val(b)), Some(Dim::Val(d))) if d != 0 => {
+                    Dim::Val(((b - a) as f64 / d as f64).ceil().max(0.0) as i64)
+                }
+                _ => infos.fresh(),
+            };
+            let dims = Some(vec![len]);
             set(
                 infos,
                 &out0,
