@@ -492,13 +492,23 @@ def cmd_run(a) -> int:
         res["models"][m] = model_meta(doc, m)
         left = deadline - time.time()
         if left < 10:
+            have = {(p["batch"], p["seq"]) for p in res["points"] if p["model"] == m and p["form"] == f}
             for b, s in points:
-                res["points"].append({"model": m, "form": f, "batch": b, "seq": s, "status": "skipped",
-                                      "reason": "time budget"})
+                if (b, s) not in have:
+                    res["points"].append({"model": m, "form": f, "batch": b, "seq": s, "status": "skipped",
+                                          "reason": "time budget"})
             continue
         spec = base_spec(doc, folder, m, f, a, deadline)
-        spec["points"] = points
-        log(f"[{time.time() - start:5.0f}s] {m} / {f}: {len(points)} points, {left:.0f} s left")
+        # Points measured by an earlier call into the same results file are kept, not redone.
+        done_before = {(p["batch"], p["seq"]) for p in res["points"]
+                       if p["model"] == m and p["form"] == f and p["status"] in ("ok", "oom")}
+        todo = [p for p in points if a.redo or p not in done_before]
+        if not todo:
+            continue
+        res["points"] = [p for p in res["points"] if not (p["model"] == m and p["form"] == f
+                                                           and (p["batch"], p["seq"]) in set(todo))]
+        spec["points"] = todo
+        log(f"[{time.time() - start:5.0f}s] {m} / {f}: {len(todo)} points, {left:.0f} s left")
         recs, err, rc = spawn(spec, left + 30)
         done = set()
         for r in recs:
@@ -512,7 +522,7 @@ def cmd_run(a) -> int:
                 + (f"{r['latency_ms_median']} ms, peak {r['peak_mib']} MiB" if r["status"] == "ok" else r.get("reason", r.get("error", ""))[:160]))
         if rc != 0:
             why = "killed at the time budget" if rc is None else f"child exited {rc}: {err.strip()[-400:]}"
-            for b, s in points:
+            for b, s in todo:
                 if (b, s) not in done:
                     res["points"].append({"model": m, "form": f, "batch": b, "seq": s,
                                           "status": "crashed" if rc not in (None, 3) else "skipped", "reason": why})
@@ -708,6 +718,7 @@ def main() -> int:
         if name == "run":
             p.add_argument("--seqs", default="128,512,2048,8192,32768")
             p.add_argument("--batches", default="1,8")
+            p.add_argument("--redo", action="store_true", help="measure again points the results file already has")
         else:
             p.add_argument("--cap", type=int, default=131072, help="largest S to try")
             p.add_argument("--resolution", type=int, default=1024, help="stop bisecting at this step")

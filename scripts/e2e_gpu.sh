@@ -68,12 +68,16 @@ while (($#)); do
   esac
 done
 bin=$(realpath "$bin"); lib=$(realpath "$lib")
-mkdir -p "$out" "$work/logs"
+# Results accumulate in $work/results (a later call on a still-held machine resumes them: $OUT is
+# emptied before each call) and are copied to $out at every stage.
+res=$work/results
+mkdir -p "$out" "$work/logs" "$res"
 exec > >(tee -a "$out/e2e_gpu.log") 2>&1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 FLASH_ORT_LIB=$lib FLASH_ORT_BIN=$bin
 start=$SECONDS
 left() { echo $((budget - (SECONDS - start))); }
-say() { printf '[%4ds, %4ds left] %s\n' $((SECONDS - start)) "$(left)" "$*"; }
+publish() { cp "$res"/* "$out"/ 2>/dev/null || true; }
+say() { publish; printf '[%4ds, %4ds left] %s\n' $((SECONDS - start)) "$(left)" "$*"; }
 skipped() { [[ ,$skip, == *,$1,* ]]; }
 # fits N: at least N seconds of the budget are left.
 fits() { (($(left) >= $1)); }
@@ -116,7 +120,7 @@ fi
   git log -1 --format='commit %H %s' 2>/dev/null || true
 } >"$out/env.txt" 2>&1
 cat "$out/env.txt"
-bench() { $PY bench/model_bench.py "$@" --provider "$provider" --library "$lib" --out "$out/model_bench.json"; }
+bench() { $PY bench/model_bench.py "$@" --provider "$provider" --library "$lib" --out "$res/model_bench.json"; }
 
 # --- 1. exports in the background ------------------------------------------------------------
 export_bg() {  # NAME VARIANTS: exports into $work/NAME, writes $work/NAME.rc when done
@@ -155,7 +159,7 @@ if ! skipped minilm && fits 120; then
   if [[ -e $minilm_model/config.json ]]; then
     say "2. MiniLM: export (dynamo 18, TorchScript 17), fuse, fp16, embeddings on CUDA"
     within 240 $PY examples/minilm/export_and_check.py --provider "$provider" --dtypes float32,float16 --model-dir "$minilm_model" \
-      --out "$work/minilm_out" --json "$out/minilm_$provider.json" --flash-ort "$bin" --library "$lib" \
+      --out "$work/minilm_out" --json "$res/minilm_$provider.json" --flash-ort "$bin" --library "$lib" \
       >"$work/logs/minilm.log" 2>&1
     say "   MiniLM exit $?"; grep -E "^\[(dyn|ts)|^\{|error" "$work/logs/minilm.log" | tail -14
   else
@@ -164,7 +168,7 @@ if ! skipped minilm && fits 120; then
 fi
 
 # --- 3. quick reliability on the fused MiniLM (fp16 and fp32) ----------------------------------
-rel() { within "$1" $PY tests/e2e/reliability.py --provider "$provider" --library "$lib" --out "$out/reliability.json" "${@:2}"; }
+rel() { within "$1" $PY tests/e2e/reliability.py --provider "$provider" --library "$lib" --out "$res/reliability.json" "${@:2}"; }
 m16=$work/minilm_out/minilm_sdpa_dyn18.fused.fp16.onnx
 m32=$work/minilm_out/minilm_sdpa_dyn18.fused.onnx
 if ! skipped quickrel && [[ -e $m16 ]] && fits 90; then
@@ -192,7 +196,7 @@ bert_forms=$work/bert_base/forms.json; llama_forms=$work/llama_gqa_2k/forms.json
 if ! skipped headline; then
   ((have_bert)) && fits 40 && { say "5. bert_base at S=2048"; bench run --forms "$bert_forms" --seqs 2048 --batches 1,8 --budget-s $(($(left) / 2 < 120 ? $(left) / 2 : 120)); }
   ((have_llama)) && fits 40 && { say "5. llama_gqa_2k at S=2048"; bench run --forms "$llama_forms" --seqs 2048 --batches 1,8 --budget-s $(($(left) / 2 < 150 ? $(left) / 2 : 150)); }
-  [[ -s $out/model_bench.json ]] && $PY bench/model_bench.py table "$out/model_bench.json" | tee "$out/model_bench.md"
+  [[ -s $res/model_bench.json ]] && $PY bench/model_bench.py table "$res/model_bench.json" | tee "$res/model_bench.md"
 fi
 
 # --- 6./7. GPT-2 export in the background; meanwhile the soak and the decoder's reliability ----
@@ -234,8 +238,8 @@ fi
 
 # --- 9. longest S (batch 1) ------------------------------------------------------------------------
 if ! skipped maxseq; then
-  ((have_bert)) && fits 30 && { say "9. bert_base longest S"; $PY bench/model_bench.py maxseq --provider "$provider" --forms "$bert_forms" --library "$lib" --out "$out/model_bench.json" --cap "$maxseq_cap" --budget-s $(($(left) / 2)); }
-  ((have_llama)) && fits 30 && { say "9. llama_gqa_2k longest S"; $PY bench/model_bench.py maxseq --provider "$provider" --forms "$llama_forms" --library "$lib" --out "$out/model_bench.json" --cap "$maxseq_cap" --budget-s $(($(left) - 40)); }
+  ((have_bert)) && fits 30 && { say "9. bert_base longest S"; $PY bench/model_bench.py maxseq --provider "$provider" --forms "$bert_forms" --library "$lib" --out "$res/model_bench.json" --cap "$maxseq_cap" --budget-s $(($(left) / 2)); }
+  ((have_llama)) && fits 30 && { say "9. llama_gqa_2k longest S"; $PY bench/model_bench.py maxseq --provider "$provider" --forms "$llama_forms" --library "$lib" --out "$res/model_bench.json" --cap "$maxseq_cap" --budget-s $(($(left) - 40)); }
 fi
 
 # --- 10. ORT's optimizer on the decoders -------------------------------------------------------------
@@ -249,9 +253,9 @@ fi
 
 # --- 11. summary ------------------------------------------------------------------------------------
 say "11. summary"
-if [[ -s $out/model_bench.json ]]; then
+if [[ -s $res/model_bench.json ]]; then
   # forms.json now knows what ORT's optimizer did on every model; fold that into the results.
-  $PY - "$out/model_bench.json" "$work"/*/forms.json <<'EOF'
+  $PY - "$res/model_bench.json" "$work"/*/forms.json <<'EOF'
 import json, sys
 res = json.load(open(sys.argv[1]))
 for f in sys.argv[2:]:
@@ -260,16 +264,16 @@ for f in sys.argv[2:]:
             res["models"][name]["forms"]["ort_opt"] = {k: v for k, v in e["forms"].get("ort_opt", {}).items() if k != "file"} or None
 json.dump(res, open(sys.argv[1], "w"), indent=1)
 EOF
-  $PY bench/model_bench.py table "$out/model_bench.json" >"$out/model_bench.md"
-  cat "$out/model_bench.md"
+  $PY bench/model_bench.py table "$res/model_bench.json" >"$res/model_bench.md"
+  cat "$res/model_bench.md"
 fi
-[[ -s $out/reliability.json ]] && $PY - "$out/reliability.json" <<'EOF'
+[[ -s $res/reliability.json ]] && $PY - "$res/reliability.json" <<'EOF'
 import json, sys
 for r in json.load(open(sys.argv[1]))["results"]:
     print(f"reliability {r['model']}: {'PASS' if r['ok'] else 'FAIL'}",
           {k: ("PASS" if v["ok"] else "FAIL: " + str(v.get("reason") or v.get("error") or "")[:160]) for k, v in r["checks"].items()})
 EOF
-[[ -s $out/minilm_$provider.json ]] && $PY - "$out/minilm_$provider.json" <<'EOF'
+[[ -s $res/minilm_$provider.json ]] && $PY - "$res/minilm_$provider.json" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 print("MiniLM", "PASS" if r["ok"] else "FAIL", r["failures"])
@@ -278,4 +282,5 @@ for e in r["exports"]:
         print(f"  {e['exporter']} {k}: min cosine {v['min_cosine']:.7f}", f"(padded vs alone {v['padded_vs_alone_min_cosine']:.7f})" if "padded_vs_alone_min_cosine" in v else "", v.get("flash_node_providers", ""))
 EOF
 tar -C "$work" -czf "$out/e2e_logs.tar.gz" logs $(cd "$work" && ls -d */forms.json */manifest_large.json */*.report.json minilm_out/*.json 2>/dev/null) 2>/dev/null
+publish
 say "done; files in $out: $(ls "$out" | tr '\n' ' ')"
