@@ -80,7 +80,7 @@ pub fn fold_repeat_kv(v: &GraphView, t: &str, reader: usize) -> Option<(String, 
         && out[2] == xd[2]
         && out[3] == xd[3]
         && match (&out[1], &xd[1], &target[2]) {
-            (Dim::Val(h), Dim::Val(hk), Dim::Val(n)) => *h == hk * n,
+            (Dim::Val(h), Dim::Val(hk), Dim::Val(n)) => hk.checked_mul(*n) == Some(*h),
             _ => false,
         };
     ok.then_some((x, nodes))
