@@ -111,7 +111,7 @@ mod tests {
             output: vec!["y".into()],
             ..Default::default()
         };
-        let g = GraphProto {
+        let g = crate::graph::onnx::GraphProto {
             node: vec![n],
             ..Default::default()
         };
