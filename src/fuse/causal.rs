@@ -2,6 +2,12 @@
 //! builds it: `And(ones, kv_idx ≤ q_idx, kv_idx > q_idx − w, padding)` over `Range` indices,
 //! used directly (bool) or as `Where(mask, 0, min)`. The proven parts become `is_causal` and
 //! `window_left`; the other conjuncts (padding) stay as the mask.
+//!
+//! Rows in which every key is masked (only at padding query positions: left padding with a
+//! causal mask, or right padding beyond a sliding window) are the one place where the result can
+//! differ: the exported graph adds `finfo.min` everywhere and so averages all values uniformly,
+//! while the operator never looks at keys outside the triangle/window. Every row with a visible
+//! key is the same up to float rounding.
 
 use crate::graph::onnx::tensor_proto::DataType;
 use crate::graph::shapes::Dim;

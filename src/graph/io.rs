@@ -100,6 +100,8 @@ pub fn save_model(model: &ModelProto, out: &Path, source: &LoadedModel) -> Resul
     } else {
         out_dir
     };
+    fs::create_dir_all(&out_dir)
+        .map_err(|e| Error::Other(format!("cannot create {}: {e}", out_dir.display())))?;
     let same_dir = match (fs::canonicalize(&out_dir), fs::canonicalize(&source.dir)) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
