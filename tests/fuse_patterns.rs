@@ -334,3 +334,20 @@ fn softcap_after_a_score_scale() {
     assert_eq!(attr_f(&n, "softcap"), Some(30.0));
     assert_eq!(attr_f(&n, "scale"), Some(0.25));
 }
+
+#[test]
+fn kv_cache_step_keeps_present_outputs() {
+    let n = check_variant("fuse_kv_cache.onnx");
+    assert_eq!(
+        attr_i(&n, "is_causal"),
+        None,
+        "Sq ≠ Skv: never causal from a mask"
+    );
+    assert_eq!(n.input[1], "present_key", "K is the concatenated cache");
+    let (m, _) = fused("fuse_kv_cache.onnx");
+    let g = m.graph.as_ref().unwrap();
+    assert!(g
+        .node
+        .iter()
+        .any(|n| n.output.first().map(String::as_str) == Some("present_key")));
+}

@@ -326,6 +326,28 @@ def hf_causal_window(fname="fuse_hf_causal_window.onnx", shift=0):
     finish(g, g.op("MatMul", [p, v]), fname)
 
 
+def kv_cache():
+    """A decoder step with a KV cache: K/V = Concat(past, new) (also the present outputs), an
+    additive mask over all P + S keys. Fused with the mask; never is_causal (Sq ≠ Skv)."""
+    g = G()
+    x = encoder_start(g)
+    q, k, v = heads(g, x), heads(g, x), heads(g, x)
+    pk = g.input("past_key", T.FLOAT, ["B", H, "past_sequence", D])
+    pv = g.input("past_value", T.FLOAT, ["B", H, "past_sequence", D])
+    g.nodes.append(h.make_node("Concat", [pk, k], ["present_key"], name="cat_k", axis=2))
+    g.nodes.append(h.make_node("Concat", [pv, v], ["present_value"], name="cat_v", axis=2))
+    s = g.op("MatMul", [q, g.op("Transpose", ["present_key"], perm=[0, 1, 3, 2])])
+    s = g.op("Mul", [s, g.const(1 / np.sqrt(D))])
+    s = g.op("Add", [s, g.input("bias", T.FLOAT, ["B", 1, "S", "total_sequence"])])
+    p = g.op("Softmax", [s], axis=-1)
+    out = merge(g, g.op("MatMul", [p, "present_value"]))
+    g.nodes.append(h.make_node("Identity", [out], ["y"], name="out"))
+    g.output("y", T.FLOAT, ["B", "S", HID])
+    g.output("present_key", T.FLOAT, None)
+    g.output("present_value", T.FLOAT, None)
+    g.save("fuse_kv_cache.onnx")
+
+
 def trilu_causal():
     """TorchScript SDPA is_causal: Where(Trilu(ones[S, S]), scores, −inf)."""
     g = G()
@@ -472,6 +494,7 @@ def main():
     hf_causal_window()
     hf_causal_window("fuse_shifted_triangle_not_causal.onnx", shift=1)
     trilu_causal()
+    kv_cache()
     # Negative graphs: file name = expected reason code.
     simple("skip_softmax-not-last-axis.onnx", axis=2)
     simple("skip_scale-not-constant.onnx", scale_input=True)
