@@ -324,6 +324,7 @@ fn onnx_checker_accepts_every_fused_graph() {
         .args(&files)
         .output()
         .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(files.len() >= 15);
 }
