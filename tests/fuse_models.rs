@@ -11,8 +11,19 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// (file, attention sites) of every model the manifest lists as exported.
-fn manifest_models() -> Vec<(String, usize)> {
+/// What the manifest says one model holds.
+struct Expect {
+    file: String,
+    sites: usize,
+    /// Causal self-attention sites (decoders), with a sliding window or not.
+    causal: usize,
+    windowed: usize,
+    /// Whether K/V have fewer heads than Q (every self-attention site folds its repeat).
+    gqa: bool,
+}
+
+/// Every model the manifest lists as exported.
+fn manifest_models() -> Vec<Expect> {
     let path = repo().join("models/manifest.json");
     let Ok(text) = std::fs::read_to_string(&path) else {
         eprintln!("{} missing: no exported models to test", path.display());
@@ -24,9 +35,16 @@ fn manifest_models() -> Vec<(String, usize)> {
         .expect("manifest has a models list")
         .iter()
         .map(|m| {
-            let file = m["file"].as_str().expect("model file").to_string();
-            let sites = m["attention_sites"].as_u64().expect("attention_sites") as usize;
-            (file, sites)
+            let detail = &m["attention_sites_detail"];
+            let count = |k: &str| detail[k].as_u64().unwrap_or(0) as usize;
+            let cfg = &m["config"];
+            Expect {
+                file: m["file"].as_str().expect("model file").to_string(),
+                sites: m["attention_sites"].as_u64().expect("attention_sites") as usize,
+                causal: count("decoder_self_causal") + count("decoder_self_causal_sliding_window"),
+                windowed: count("decoder_self_causal_sliding_window"),
+                gqa: cfg["num_key_value_heads"].as_u64() < cfg["num_attention_heads"].as_u64(),
+            }
         })
         .collect()
 }
@@ -47,7 +65,14 @@ fn every_model_is_fully_fused_with_parity() {
     std::fs::create_dir_all(&out_dir).unwrap();
     let mut failures = Vec::new();
     let mut written = Vec::new();
-    for (file, sites) in &models {
+    for Expect {
+        file,
+        sites,
+        causal,
+        windowed,
+        gqa,
+    } in &models
+    {
         let src = repo().join("models").join(file);
         let mut loaded = graph::load_model(&src).unwrap_or_else(|e| panic!("{file}: {e}"));
         let rep = fuse::fuse_model(&mut loaded.model, true);
@@ -59,6 +84,28 @@ fn every_model_is_fully_fused_with_parity() {
                 rep.human()
             ));
             continue;
+        }
+        // Causal triangles and windows proven exactly where the model has them (an encoder made
+        // causal would be a wrong rewrite that parity on self-attention might not catch).
+        let summaries: Vec<_> = rep
+            .sites
+            .iter()
+            .filter_map(|s| s.summary.as_ref())
+            .collect();
+        let got_causal = summaries.iter().filter(|s| s.is_causal).count();
+        let got_window = summaries
+            .iter()
+            .filter(|s| s.mask.contains("window_left"))
+            .count();
+        let got_gqa = summaries.iter().filter(|s| s.gqa_folded).count();
+        if got_causal != *causal
+            || got_window != *windowed
+            || (*gqa && got_gqa != *sites)
+            || (!*gqa && got_gqa != 0)
+        {
+            failures.push(format!(
+                "{file}: causal {got_causal}/{causal}, window {got_window}/{windowed}, gqa folded {got_gqa} (gqa model: {gqa})"
+            ));
         }
         let once = graph::io::encode_model(&loaded.model);
         let mut again = loaded.model.clone();
@@ -93,6 +140,7 @@ fn every_model_is_fully_fused_with_parity() {
             ));
         }
     }
+    let _ = std::fs::remove_dir_all(&out_dir);
     assert!(
         failures.is_empty(),
         "{} of {} models failed:\n{}",

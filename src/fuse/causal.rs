@@ -2,6 +2,12 @@
 //! builds it: `And(ones, kv_idx ≤ q_idx, kv_idx > q_idx − w, padding)` over `Range` indices,
 //! used directly (bool) or as `Where(mask, 0, min)`. The proven parts become `is_causal` and
 //! `window_left`; the other conjuncts (padding) stay as the mask.
+//!
+//! Rows in which every key is masked (only at padding query positions: left padding with a
+//! causal mask, or right padding beyond a sliding window) are the one place where the result can
+//! differ: the exported graph adds `finfo.min` everywhere and so averages all values uniformly,
+//! while the operator never looks at keys outside the triangle/window. Every row with a visible
+//! key is the same up to float rounding.
 
 use crate::graph::onnx::tensor_proto::DataType;
 use crate::graph::shapes::Dim;
@@ -19,22 +25,93 @@ pub struct Split {
     pub rest: Vec<String>,
 }
 
-/// An additive mask `Where(cond, 0, fill)`: its split, and the names of the zero and the fill.
-pub fn split_additive(
-    v: &GraphView,
-    m: &str,
-    sq: &Dim,
-    skv: &Dim,
-) -> Option<(Split, String, String)> {
-    let w = v.node(v.producer_op(m, "Where")?);
-    let (cond, zero, fill) = (w.input.first()?, w.input.get(1)?, w.input.get(2)?);
-    if !is_const_fill(v, zero, |x| x == 0.0, 6)
-        || !is_const_fill(v, fill, |x| x <= super::decomposed::MASK_FILL_MAX, 6)
-    {
-        return None;
+/// A float mask split: the proven parts, and what the rest of the mask is made of.
+#[derive(Debug)]
+pub struct FloatSplit {
+    pub split: Split,
+    /// `Where(cond, keep, fill)`: what unmasked positions add (0, or T5's position bias), and
+    /// the fill; reused to rebuild the rest of `cond`.
+    pub keep: String,
+    pub keep_is_zero: bool,
+    pub fill: String,
+    /// Other summands of the mask (a position bias added to the causal mask, as T5 does).
+    pub others: Vec<String>,
+}
+
+/// An additive mask `Where(cond, keep, fill)` (keep = 0, or a bias), or a sum with one such term,
+/// whose `cond` contains the causal triangle. Masked positions get `fill` here and `keep + fill`
+/// or nothing after the rewrite: all are ≤ −10⁴ below the row's visible scores, so exp() is 0.
+pub fn split_additive(v: &GraphView, m: &str, sq: &Dim, skv: &Dim) -> Option<FloatSplit> {
+    let mut summands = Vec::new();
+    sum_terms(v, m, &mut summands, 3);
+    for (k, t) in summands.iter().enumerate() {
+        let Some(w) = v.producer_op(t, "Where").map(|p| v.node(p)) else {
+            continue;
+        };
+        let (Some(cond), Some(keep), Some(fill)) =
+            (w.input.first(), w.input.get(1), w.input.get(2))
+        else {
+            continue;
+        };
+        if !is_const_fill(v, fill, |x| x <= super::decomposed::MASK_FILL_MAX, 6) {
+            continue;
+        }
+        let keep_is_zero = is_const_fill(v, keep, |x| x == 0.0, 6);
+        if let Some(split) = split_bool(v, cond, sq, skv) {
+            let others = summands
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != k)
+                .map(|(_, s)| s.clone())
+                .collect();
+            return Some(FloatSplit {
+                split,
+                keep: keep.clone(),
+                keep_is_zero,
+                fill: fill.clone(),
+                others,
+            });
+        }
     }
-    let split = split_bool(v, cond, sq, skv)?;
-    Some((split, zero.clone(), fill.clone()))
+    None
+}
+
+fn sum_terms(v: &GraphView, t: &str, out: &mut Vec<String>, depth: usize) {
+    match v.producer_op(t, "Add").filter(|_| depth > 0) {
+        Some(p) => {
+            for i in &v.node(p).input {
+                sum_terms(v, i, out, depth - 1);
+            }
+        }
+        None => out.push(t.to_string()),
+    }
+}
+
+/// Rebuilds what remains of a float mask, `Σ others + Where(∧ rest, keep, fill)`, with `add`
+/// making each new node (op, inputs) → output. None when nothing remains.
+pub fn rebuild_float(
+    fs: FloatSplit,
+    add: &mut dyn FnMut(&str, Vec<String>) -> String,
+) -> Option<String> {
+    let mut terms = fs.others;
+    match rebuild_bool(fs.split.rest, add) {
+        Some(cond) => terms.push(add("Where", vec![cond, fs.keep, fs.fill])),
+        None if !fs.keep_is_zero => terms.push(fs.keep),
+        None => {}
+    }
+    let mut it = terms.into_iter();
+    let first = it.next()?;
+    Some(it.fold(first, |acc, t| add("Add", vec![acc, t])))
+}
+
+/// `∧ rest`, None when empty.
+pub fn rebuild_bool(
+    rest: Vec<String>,
+    add: &mut dyn FnMut(&str, Vec<String>) -> String,
+) -> Option<String> {
+    let mut it = rest.into_iter();
+    let first = it.next()?;
+    Some(it.fold(first, |acc, t| add("And", vec![acc, t])))
 }
 
 /// A boolean mask (true = attend) that is a conjunction containing the causal triangle.
@@ -45,25 +122,12 @@ pub fn split_bool(v: &GraphView, cond: &str, sq: &Dim, skv: &Dim) -> Option<Spli
     }
     let mut parts = Vec::new();
     conjuncts(v, cond, &mut parts, 8);
-    if std::env::var_os("FLASH_ORT_DEBUG").is_some() {
-        for p in &parts {
-            let op = v
-                .producer(p)
-                .map(|i| v.node(i).op_type.clone().unwrap_or_default());
-            let args = v
-                .producer(p)
-                .map(|i| v.node(i).input.clone())
-                .unwrap_or_default();
-            let ar: Vec<_> = args.iter().map(|a| arange_axis(v, a, 8)).collect();
-            eprintln!("conjunct {p} {op:?} aranges {ar:?} sq {sq:?} skv {skv:?}");
-        }
-    }
     let mut split = Split::default();
     for p in parts {
         if is_all_true(v, &p) {
             continue;
         }
-        if !split.causal && is_causal_compare(v, &p, sq, skv) {
+        if !split.causal && (is_causal_compare(v, &p, sq, skv) || is_lower_trilu(v, &p, sq, skv)) {
             split.causal = true;
         } else if let Some(w) =
             window_compare(v, &p, sq, skv).filter(|_| split.window_left.is_none())
@@ -214,6 +278,41 @@ fn is_causal_compare(v: &GraphView, t: &str, sq: &Dim, skv: &Dim) -> bool {
     let (a, b) = (&n.input[0], n.input.get(1).cloned().unwrap_or_default());
     (is_op(n, "LessOrEqual") && kv_and_q(v, a, &b, sq, skv))
         || (is_op(n, "GreaterOrEqual") && kv_and_q(v, &b, a, sq, skv))
+}
+
+/// `Trilu(ones[.., Sq, Skv], upper=0)` (bool, or through a bool Cast), or `Not` of the strict
+/// upper triangle `Trilu(ones, upper=1, k=1)`: true on and below the diagonal.
+fn is_lower_trilu(v: &GraphView, t: &str, sq: &Dim, skv: &Dim) -> bool {
+    let Some(p) = v.producer(t) else { return false };
+    let n = v.node(p);
+    if is_op(n, "Cast") && attr_i(n, "to") == Some(DataType::Bool as i64) {
+        return is_lower_trilu(v, &n.input[0], sq, skv);
+    }
+    let (trilu, want_upper, want_k) = if is_op(n, "Not") {
+        match v.producer_op(&n.input[0], "Trilu") {
+            Some(tp) => (tp, 1, 1),
+            None => return false,
+        }
+    } else if is_op(n, "Trilu") {
+        (p, 0, 0)
+    } else {
+        return false;
+    };
+    let tn = v.node(trilu);
+    let k = match tn.input.get(1).filter(|s| !s.is_empty()) {
+        None => 0,
+        Some(k) => match v.infos.ints(k) {
+            Some([Dim::Val(k)]) if v.is_constant_expr(&tn.input[1], 4) => *k,
+            _ => return false,
+        },
+    };
+    let square = v
+        .dims(&tn.input[0])
+        .is_some_and(|d| d.len() >= 2 && d[d.len() - 2] == *sq && d[d.len() - 1] == *skv);
+    attr_i(tn, "upper").unwrap_or(1) == want_upper
+        && k == want_k
+        && square
+        && is_all_true(v, &tn.input[0])
 }
 
 /// `kv > q − w` (or `q − w < kv`): returns window_left = w − 1.

@@ -58,55 +58,48 @@ pub fn build(
             is_causal = true;
             continue;
         }
+        // (window, parts to check, how to rebuild the rest)
         let split = match t {
-            MaskTerm::Additive(m) => {
-                causal::split_additive(v, m, sq, skv).map(|(sp, zero, fill)| (sp, Some(zero), fill))
-            }
+            MaskTerm::Additive(m) => causal::split_additive(v, m, sq, skv).map(|fs| {
+                let parts: Vec<String> = fs
+                    .split
+                    .rest
+                    .iter()
+                    .chain(fs.others.iter())
+                    .cloned()
+                    .collect();
+                (fs.split.window_left, parts, Err(fs))
+            }),
             MaskTerm::Select {
                 cond,
                 keep_when_true: true,
                 fill,
-            } => causal::split_bool(v, cond, sq, skv).map(|sp| (sp, None, fill.clone())),
+            } => causal::split_bool(v, cond, sq, skv)
+                .map(|sp| (sp.window_left, sp.rest.clone(), Ok((sp.rest, fill.clone())))),
             _ => None,
         };
-        let Some((sp, zero, fill)) = split else {
+        let Some((window, parts, rebuild)) = split else {
             rest.push(t.clone());
             continue;
         };
-        for r in &sp.rest {
+        for r in &parts {
             check_broadcast(v, r, score_dims, site)?;
         }
         is_causal = true;
-        window_left = window_left.or(sp.window_left);
-        if sp.rest.is_empty() {
-            continue;
-        }
-        let mut cond = sp.rest[0].clone();
-        for r in &sp.rest[1..] {
-            cond = push(
-                names,
-                &mut nodes,
-                site,
-                "And",
-                vec![cond, r.clone()],
-                vec![],
-            );
-        }
-        let term = match zero {
-            Some(zero) => MaskTerm::Additive(push(
-                names,
-                &mut nodes,
-                site,
-                "Where",
-                vec![cond, zero, fill],
-                vec![],
-            )),
-            None => MaskTerm::Select {
-                cond,
-                keep_when_true: true,
-                fill,
-            },
+        window_left = window_left.or(window);
+        let mut add =
+            |op: &str, inputs: Vec<String>| push(names, &mut nodes, site, op, inputs, vec![]);
+        let term = match rebuild {
+            Err(fs) => causal::rebuild_float(fs, &mut add).map(MaskTerm::Additive),
+            Ok((conds, fill)) => {
+                causal::rebuild_bool(conds, &mut add).map(|cond| MaskTerm::Select {
+                    cond,
+                    keep_when_true: true,
+                    fill,
+                })
+            }
         };
+        let Some(term) = term else { continue };
         prechecked.push(match &term {
             MaskTerm::Additive(m) => m.clone(),
             MaskTerm::Select { cond, .. } => cond.clone(),

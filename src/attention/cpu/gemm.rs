@@ -54,8 +54,20 @@ fn internal(what: &str) -> Error {
     ))
 }
 
-/// `C[r*ldc + c] (+)= Σ_k A(r, k) · B(k, c)` for `r < m`, `c < n`. Checks every extent against
-/// the slices first, so the unsafe kernels below never read or write out of bounds.
+/// What C starts from.
+#[derive(Clone, Copy)]
+pub enum Init<'a> {
+    /// `C = A·B`.
+    Zero,
+    /// `C = diag(s)·C + A·B`: the FlashAttention rescale of the output accumulator by each
+    /// row's `alpha`, folded into the load of C.
+    Scaled(&'a [f32]),
+}
+
+/// `C[r*ldc + c] = init + Σ_k A(r, k) · B(k, c)` for `r < m`, `c < n`; with `col_max`, also
+/// `col_max[c] = max(col_max[c], max_r C[r][c])` (the block's score maximum, taken while the
+/// tile is still in registers). Checks every extent against the slices first, so the unsafe
+/// kernels below never read or write out of bounds.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
     isa: Isa,
@@ -66,7 +78,8 @@ pub fn gemm(
     b: MatB,
     c: &mut [f32],
     ldc: usize,
-    accumulate: bool,
+    init: Init,
+    col_max: Option<&mut [f32]>,
 ) -> Result<()> {
     if m == 0 || n == 0 {
         return Ok(());
@@ -74,32 +87,32 @@ pub fn gemm(
     if (m - 1) * ldc + n > c.len() || (m > 1 && n > ldc) {
         return Err(internal("gemm output tile out of bounds"));
     }
-    if k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                c[r * ldc..r * ldc + n].fill(0.0);
-            }
+    if let Init::Scaled(s) = init {
+        if s.len() < m {
+            return Err(internal("gemm row scale too short"));
         }
-        return Ok(());
     }
-    if a.off + (m - 1) * a.rs + (k - 1) * a.ks >= a.data.len() {
+    if col_max.as_ref().is_some_and(|cm| cm.len() < n) {
+        return Err(internal("gemm column maximum too short"));
+    }
+    if k > 0 && a.off + (m - 1) * a.rs + (k - 1) * a.ks >= a.data.len() {
         return Err(internal("gemm operand A out of bounds"));
     }
-    if b.off + (k - 1) * b.ld + n > b.data.len() {
+    if k > 0 && b.off + (k - 1) * b.ld + n > b.data.len() {
         return Err(internal("gemm operand B out of bounds"));
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => {
+        Isa::Avx512 if k > 0 => {
             // SAFETY: the CPU supports AVX-512F (detected); extents were checked above.
-            unsafe { avx512::gemm(m, n, k, a, b, c, ldc, accumulate) }
+            unsafe { avx512::gemm(m, n, k, a, b, c, ldc, init, col_max) }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
-            // SAFETY: the CPU supports AVX2 and FMA (detected).
-            unsafe { gemm_portable_avx2(m, n, k, a, b, c, ldc, accumulate) }
+        Isa::Avx2 | Isa::Avx512 => {
+            // SAFETY: the CPU supports AVX2 and FMA (detected; AVX-512 implies both).
+            unsafe { gemm_portable_avx2(m, n, k, a, b, c, ldc, init, col_max) }
         }
-        _ => gemm_portable(m, n, k, a, b, c, ldc, accumulate),
+        _ => gemm_portable(m, n, k, a, b, c, ldc, init, col_max),
     }
     Ok(())
 }
@@ -115,9 +128,10 @@ unsafe fn gemm_portable_avx2(
     b: MatB,
     c: &mut [f32],
     ldc: usize,
-    accumulate: bool,
+    init: Init,
+    col_max: Option<&mut [f32]>,
 ) {
-    gemm_portable(m, n, k, a, b, c, ldc, accumulate)
+    gemm_portable(m, n, k, a, b, c, ldc, init, col_max)
 }
 
 /// Rows of C computed together by the portable kernel.
@@ -137,7 +151,8 @@ fn gemm_portable(
     b: MatB,
     c: &mut [f32],
     ldc: usize,
-    accumulate: bool,
+    init: Init,
+    col_max: Option<&mut [f32]>,
 ) {
     let mut r0 = 0;
     while r0 < m {
@@ -157,15 +172,26 @@ fn gemm_portable(
             }
             for (r, acc_r) in acc.iter().enumerate().take(mr) {
                 let crow = &mut c[(r0 + r) * ldc + c0..][..nr];
-                if accumulate {
-                    crow.iter_mut().zip(acc_r).for_each(|(c, a)| *c += a);
-                } else {
-                    crow.copy_from_slice(&acc_r[..nr]);
+                match init {
+                    Init::Scaled(s) => {
+                        let s = s[r0 + r];
+                        crow.iter_mut()
+                            .zip(acc_r)
+                            .for_each(|(c, a)| *c = *c * s + a);
+                    }
+                    Init::Zero => crow.copy_from_slice(&acc_r[..nr]),
                 }
             }
             c0 += nr;
         }
         r0 += mr;
+    }
+    if let Some(cm) = col_max {
+        for r in 0..m {
+            for (x, &v) in cm.iter_mut().zip(&c[r * ldc..r * ldc + n]) {
+                *x = if v > *x { v } else { *x };
+            }
+        }
     }
 }
 
@@ -175,7 +201,7 @@ mod avx512 {
     //! loaded with a lane mask on the last vector (masked loads do not fault, so no padding is
     //! needed), A elements broadcast. MR ≤ 6 and NV ≤ 4 keep 24 accumulators + 4 B vectors +
     //! 1 broadcast within the 32 registers.
-    use super::{MatA, MatB};
+    use super::{Init, MatA, MatB};
     use std::arch::x86_64::*;
 
     pub const MR: usize = 6;
@@ -191,8 +217,14 @@ mod avx512 {
         b: MatB,
         c: &mut [f32],
         ldc: usize,
-        accumulate: bool,
+        init: Init,
+        col_max: Option<&mut [f32]>,
     ) {
+        let scale = match init {
+            Init::Zero => std::ptr::null(),
+            Init::Scaled(s) => s.as_ptr(),
+        };
+        let cmax = col_max.map_or(std::ptr::null_mut(), |x| x.as_mut_ptr());
         let ap = a.data.as_ptr().add(a.off);
         let bp = b.data.as_ptr().add(b.off);
         let cp = c.as_mut_ptr();
@@ -219,7 +251,12 @@ mod avx512 {
                     c: cp.add(r0 * ldc + c0),
                     ldc,
                     last,
-                    accumulate,
+                    scale: if scale.is_null() {
+                        scale
+                    } else {
+                        scale.add(r0)
+                    },
+                    col_max: if cmax.is_null() { cmax } else { cmax.add(c0) },
                 };
                 dispatch(mr, nv, &t);
                 c0 += cols;
@@ -238,7 +275,10 @@ mod avx512 {
         c: *mut f32,
         ldc: usize,
         last: __mmask16,
-        accumulate: bool,
+        /// Per-row factors for C's old value, or null for C = A·B.
+        scale: *const f32,
+        /// Running column maxima to update, or null.
+        col_max: *mut f32,
     }
 
     macro_rules! dispatch_table {
@@ -267,10 +307,12 @@ mod avx512 {
     unsafe fn kernel<const R: usize, const V: usize>(t: &Tile) {
         let mask = |v: usize| if v + 1 == V { t.last } else { 0xFFFF };
         let mut acc = [[_mm512_setzero_ps(); V]; R];
-        if t.accumulate {
+        if !t.scale.is_null() {
             for (r, acc_r) in acc.iter_mut().enumerate() {
+                let s = _mm512_set1_ps(*t.scale.add(r));
                 for (v, x) in acc_r.iter_mut().enumerate() {
-                    *x = _mm512_maskz_loadu_ps(mask(v), t.c.add(r * t.ldc + 16 * v));
+                    let old = _mm512_maskz_loadu_ps(mask(v), t.c.add(r * t.ldc + 16 * v));
+                    *x = _mm512_mul_ps(old, s);
                 }
             }
         }
@@ -294,6 +336,16 @@ mod avx512 {
         for (r, acc_r) in acc.iter().enumerate() {
             for (v, x) in acc_r.iter().enumerate() {
                 _mm512_mask_storeu_ps(t.c.add(r * t.ldc + 16 * v), mask(v), *x);
+            }
+        }
+        if !t.col_max.is_null() {
+            for v in 0..V {
+                let p = t.col_max.add(16 * v);
+                let mut m = _mm512_maskz_loadu_ps(mask(v), p);
+                for acc_r in &acc {
+                    m = _mm512_max_ps(m, acc_r[v]);
+                }
+                _mm512_mask_storeu_ps(p, mask(v), m);
             }
         }
     }
@@ -347,12 +399,46 @@ mod tests {
             let ldc = n + 3;
             let mut want = vec![1.0f32; m * ldc];
             naive(m, n, k, ma, mb, &mut want, ldc);
+            let ones = vec![1.0f32; m];
+            let halves = vec![0.5f32; m];
             for isa in isas {
                 let mut c = vec![1.0f32; m * ldc];
-                gemm(isa, m, n, k, ma, mb, &mut c, ldc, true).unwrap();
+                gemm(isa, m, n, k, ma, mb, &mut c, ldc, Init::Scaled(&ones), None).unwrap();
                 assert_eq!(c, want, "{isa:?} {m}x{n}x{k}");
+                let mut c = vec![2.0f32; m * ldc];
+                gemm(
+                    isa,
+                    m,
+                    n,
+                    k,
+                    ma,
+                    mb,
+                    &mut c,
+                    ldc,
+                    Init::Scaled(&halves),
+                    None,
+                )
+                .unwrap();
+                for r in 0..m {
+                    for col in 0..n {
+                        assert_eq!(c[r * ldc + col], want[r * ldc + col]);
+                    }
+                }
                 let mut c2 = vec![7.0f32; m * ldc];
-                gemm(isa, m, n, k, ma, mb, &mut c2, ldc, false).unwrap();
+                let mut cm = vec![f32::NEG_INFINITY; n + 1];
+                gemm(
+                    isa,
+                    m,
+                    n,
+                    k,
+                    ma,
+                    mb,
+                    &mut c2,
+                    ldc,
+                    Init::Zero,
+                    Some(&mut cm),
+                )
+                .unwrap();
                 for r in 0..m {
                     for col in 0..n {
                         assert_eq!(c2[r * ldc + col] + 1.0, want[r * ldc + col]);
@@ -361,6 +447,13 @@ mod tests {
                         assert_eq!(c2[r * ldc + col], 7.0, "lanes past n untouched");
                     }
                 }
+                for col in 0..n {
+                    let mx = (0..m)
+                        .map(|r| c2[r * ldc + col])
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    assert_eq!(cm[col], mx, "{isa:?} column max {col}");
+                }
+                assert_eq!(cm[n], f32::NEG_INFINITY);
             }
         }
     }
@@ -381,8 +474,23 @@ mod tests {
             off: 0,
             ld: 2,
         };
-        assert!(gemm(Isa::detect(), 2, 2, 2, ma, mb, &mut c, 2, false).is_ok());
-        assert!(gemm(Isa::detect(), 3, 2, 2, ma, mb, &mut c, 2, false).is_err());
-        assert!(gemm(Isa::detect(), 2, 2, 3, ma, mb, &mut c, 2, false).is_err());
+        let z = Init::Zero;
+        assert!(gemm(Isa::detect(), 2, 2, 2, ma, mb, &mut c, 2, z, None).is_ok());
+        assert!(gemm(Isa::detect(), 3, 2, 2, ma, mb, &mut c, 2, z, None).is_err());
+        assert!(gemm(Isa::detect(), 2, 2, 3, ma, mb, &mut c, 2, z, None).is_err());
+        let short = [1.0f32];
+        assert!(gemm(
+            Isa::detect(),
+            2,
+            2,
+            2,
+            ma,
+            mb,
+            &mut c,
+            2,
+            Init::Scaled(&short),
+            None
+        )
+        .is_err());
     }
 }

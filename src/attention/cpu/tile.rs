@@ -2,8 +2,8 @@
 //! group) against every visible block of keys, FlashAttention-2 style.
 
 use super::convert::{load_mask_row, load_row};
-use super::gemm::{gemm, Isa, MatA, MatB};
-use super::softmax::{softcap, RowState};
+use super::gemm::{gemm, Init, Isa, MatA, MatB};
+use super::softmax::{softcap, RowState, LANES};
 use super::{OutPtr, Plan};
 use crate::attention::{AttentionProblem, CpuInputs, Elems};
 use crate::Result;
@@ -109,6 +109,8 @@ struct Scratch {
     vbuf: Vec<f32>,
     /// One mask row or one input row.
     row: Vec<f32>,
+    /// Column maxima of the current score block.
+    block_max: Vec<f32>,
 }
 
 #[inline(always)]
@@ -130,15 +132,17 @@ fn run_impl(
         kbuf: Vec::new(),
         vbuf: Vec::new(),
         row: vec![0.0; d.max(dv).max(bc)],
+        block_max: Vec::new(),
     };
     let (j_start, j_end) = match (rows.lo.first(), rows.hi_key.last()) {
         (Some(&lo), Some(&hi)) if hi > lo => (lo, hi),
         _ => return write_out(p, &rows, &s.o, &[], out),
     };
     // Row stride of Qᵀ and Sᵀ, rounded up to whole 16-lane vectors.
-    let ld = n.next_multiple_of(16);
+    let ld = n.next_multiple_of(LANES);
     s.qt = vec![0.0; d * ld];
     s.st = vec![0.0; bc * ld];
+    s.block_max = vec![f32::NEG_INFINITY; ld];
     let qs = p.q_strides;
     for (r, &(h, i)) in rows.hi.iter().enumerate() {
         let row = &mut s.row[..d];
@@ -162,7 +166,7 @@ fn run_impl(
     if v_direct.is_none() {
         s.vbuf = vec![0.0; bc * dv];
     }
-    let mut state = RowState::new(n);
+    let mut state = RowState::new(ld);
     let last = n - 1;
     let mut j0 = j_start;
     while j0 < j_end {
@@ -192,26 +196,34 @@ fn run_impl(
                 }
             }
         };
+        // Only blocks straddling some row's visible range need per-element masking.
+        let boundary = j0 < rows.lo[last] || j0 + nk > rows.hi_key[0];
+        // Scores used as computed: the GEMM takes their column maxima while in registers.
+        let plain = p.softcap == 0.0 && !boundary && p.mask.is_none() && plan.isa == Isa::Avx512;
+        s.block_max.fill(f32::NEG_INFINITY);
+        let col_max = plain.then_some(&mut s.block_max[..]);
+        // All `ld` columns: the padding columns of Qᵀ are zero, so their scores are too.
+        let qt = MatB {
+            data: &s.qt,
+            off: 0,
+            ld,
+        };
         gemm(
             plan.isa,
             nk,
-            n,
+            ld,
             d,
             a,
-            MatB {
-                data: &s.qt,
-                off: 0,
-                ld,
-            },
+            qt,
             &mut s.st,
             ld,
-            false,
+            Init::Zero,
+            col_max,
         )?;
         if p.softcap > 0.0 {
             softcap(&mut s.st, ld, nk, n, p.softcap);
         }
-        // Only blocks straddling some row's visible range need per-element masking.
-        if j0 < rows.lo[last] || j0 + nk > rows.hi_key[0] {
+        if boundary {
             for r in 0..n {
                 let lo = rows.lo[r].clamp(j0, j0 + nk);
                 let hi = rows.hi_key[r].clamp(lo, j0 + nk);
@@ -224,24 +236,21 @@ fn run_impl(
             let ms = desc.strides;
             for (r, &(h, i)) in rows.hi.iter().enumerate() {
                 let terms = &mut s.row[..nk];
-                load_mask_row(
-                    mask,
-                    b * ms[0] + h * ms[1] + i * ms[2] + j0 * ms[3],
-                    ms[3],
-                    terms,
-                );
+                let off = b * ms[0] + h * ms[1] + i * ms[2] + j0 * ms[3];
+                load_mask_row(mask, off, ms[3], terms);
                 for (j, &m) in terms.iter().enumerate() {
                     s.st[j * ld + r] += m;
                 }
             }
         }
-        state.update(&mut s.st, ld, nk, n);
-        for (r, &alpha) in state.alpha.iter().enumerate().take(n) {
-            if alpha != 1.0 {
-                s.o[r * dv..(r + 1) * dv]
-                    .iter_mut()
-                    .for_each(|x| *x *= alpha);
+        match plan.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                let bm = plain.then_some(&s.block_max[..]);
+                // SAFETY: the plan names AVX-512 only when the CPU has it.
+                unsafe { state.update_avx512(&mut s.st, ld, nk, bm) }
             }
+            _ => state.update(&mut s.st, ld, nk),
         }
         let v_off = b * vs[0] + kvh * vs[1] + j0 * vs[2];
         let bmat = match v_direct {
@@ -272,7 +281,9 @@ fn run_impl(
             rs: 1,
             ks: ld,
         };
-        gemm(plan.isa, n, dv, nk, pt, bmat, &mut s.o, dv, true)?;
+        // O ← diag(alpha)·O + P·V: the rescale rides on the accumulator load.
+        let alpha = Init::Scaled(&state.alpha);
+        gemm(plan.isa, n, dv, nk, pt, bmat, &mut s.o, dv, alpha, None)?;
         j0 += nk;
     }
     write_out(p, &rows, &s.o, &state.l, out)

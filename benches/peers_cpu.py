@@ -1,0 +1,97 @@
+"""One timed attention forward in ONNX Runtime's CPU EP, run by `cargo bench --bench
+cpu_attention` in its own process so that its peak memory is its own.
+
+usage: peers_cpu.py IMPL S THREADS [LIB]
+  IMPL: unfused   MatMul -> Mul -> Softmax -> MatMul graph (as ../shared/bench/peers_ort_cpu.py)
+        mha       com.microsoft.MultiHeadAttention
+        flash_op  com.flash.FlashAttention from LIB (libflash_ort.so)
+Prints one JSON line: gflops, median seconds, iterations, peak RSS (MiB) and the RSS after
+imports (MiB). Fixed shape: batch 1, 8 heads, head size 64, fp32, non-causal.
+Environment: FLASH_BENCH_MEM_LIMIT_GB caps the address space so that an oversized graph fails
+with an allocation error instead of waking the OOM killer."""
+
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto as TP
+from onnx import helper
+
+F = TP.FLOAT
+B, H, D = 1, 8, 64
+
+
+def peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def unfused():
+    io = [helper.make_tensor_value_info(n, F, ["B", H, "S", D]) for n in "qkv"]
+    nodes = [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["s"]),
+        helper.make_node("Mul", ["s", "scale"], ["ss"]),
+        helper.make_node("Softmax", ["ss"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["o"]),
+    ]
+    out = [helper.make_tensor_value_info("o", F, ["B", H, "S", D])]
+    g = helper.make_graph(nodes, "g", io, out, [helper.make_tensor("scale", F, [], [D**-0.5])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), "bnsd"
+
+
+def mha():
+    io = [helper.make_tensor_value_info(n, F, ["B", "S", H * D]) for n in "qkv"]
+    node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["o"], domain="com.microsoft", num_heads=H)
+    out = [helper.make_tensor_value_info("o", F, ["B", "S", H * D])]
+    g = helper.make_graph([node], "g", io, out)
+    ops = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(g, opset_imports=ops, ir_version=10), "bsh"
+
+
+def flash_op():
+    io = [helper.make_tensor_value_info(n, F, ["B", H, "S", D]) for n in "qkv"]
+    node = helper.make_node("FlashAttention", ["q", "k", "v"], ["o"], domain="com.flash")
+    out = [helper.make_tensor_value_info("o", F, ["B", H, "S", D])]
+    g = helper.make_graph([node], "g", io, out)
+    ops = [helper.make_opsetid("", 17), helper.make_opsetid("com.flash", 1)]
+    return helper.make_model(g, opset_imports=ops, ir_version=9), "bnsd"
+
+
+def main():
+    impl, n, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    limit = os.environ.get("FLASH_BENCH_MEM_LIMIT_GB")
+    if limit:
+        cap = int(float(limit) * (1 << 30))
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    base = peak_mib()
+    model, layout = {"unfused": unfused, "mha": mha, "flash_op": flash_op}[impl]()
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    if impl == "flash_op":
+        so.register_custom_ops_library(sys.argv[4])
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    shape = (B, n, H * D) if layout == "bsh" else (B, H, n, D)
+    rng = np.random.default_rng(0)
+    feeds = {x: rng.standard_normal(shape, dtype=np.float32) for x in "qkv"}
+    sess.run(None, feeds)  # warm-up: arena growth, thread pool start
+    times = []
+    start = time.perf_counter()
+    while len(times) < 2 or (time.perf_counter() - start < 1.5 and len(times) < 50):
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t)
+    sec = float(np.median(times))
+    flops = 4.0 * B * H * n * n * D
+    print(json.dumps({
+        "impl": impl, "s": n, "gflops": flops / sec / 1e9, "secs": sec, "iters": len(times),
+        "peak_mib": peak_mib(), "base_mib": base, "ort": ort.__version__,
+    }))
+
+
+if __name__ == "__main__":
+    main()
