@@ -8,4 +8,5 @@ eval "$(bash scripts/setup.sh)"   # exports ORT_DYLIB_PATH
 # Tests run optimized: the property tests execute many attention problems.
 cargo build --release --all-targets
 cargo test --release
-FLASH_ORT_LIB="$PWD/target/release/libflash_ort.so" .venv/bin/python -m pytest -q tests/python
+FLASH_ORT_LIB="$PWD/target/release/libflash_ort.so" FLASH_ORT_BIN="$PWD/target/release/flash-ort" \
+  .venv/bin/python -m pytest -q tests/python tests/e2e

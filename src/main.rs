@@ -32,6 +32,7 @@ enum Command {
         to another folder)."
     )]
     Fuse {
+        /// The ONNX model to rewrite.
         input: PathBuf,
         /// Where to write the rewritten model.
         #[arg(short, long)]
@@ -48,6 +49,7 @@ enum Command {
     },
     /// List every attention site of a model: fusable or not, and why.
     Inspect {
+        /// The ONNX model to inspect.
         input: PathBuf,
         /// Print the report as JSON instead of text.
         #[arg(long)]
@@ -59,7 +61,9 @@ enum Command {
     },
     /// Run A and B in ONNX Runtime on the same generated inputs; report max abs/rel error per output.
     Verify {
+        /// The reference model (its inputs decide the generated data).
         a: PathBuf,
+        /// The model to compare with A (same input and output names).
         b: PathBuf,
         /// Max abs error accepted for float32 outputs (float16 gets 100×).
         #[arg(long, default_value_t = 1e-4)]
@@ -73,6 +77,27 @@ enum Command {
     },
     /// List the skip reason codes and what they mean.
     Codes,
+}
+
+/// Writes to stdout; a closed pipe (`flash-ort codes | head`) ends the program quietly, as
+/// command-line tools do, instead of panicking.
+fn write_out(args: std::fmt::Arguments) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("flash-ort: cannot write to stdout: {e}");
+        std::process::exit(2);
+    }
+}
+
+macro_rules! out {
+    ($($a:tt)*) => { write_out(format_args!($($a)*)) };
+}
+
+macro_rules! outln {
+    ($($a:tt)*) => {{ write_out(format_args!($($a)*)); write_out(format_args!("\n")); }};
 }
 
 /// The operator library built beside this binary (cargo puts both in the same target folder).
@@ -97,9 +122,9 @@ fn run_verify(
     let rep = verify::verify(a, b, &opts)
         .with_context(|| format!("verifying {} against {}", b.display(), a.display()))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&rep)?);
+        outln!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
-        print!("{}", rep.human());
+        out!("{}", rep.human());
     }
     Ok(rep.ok)
 }
@@ -107,10 +132,10 @@ fn run_verify(
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Version => {
-            println!("flash-ort {}", env!("CARGO_PKG_VERSION"));
+            outln!("flash-ort {}", env!("CARGO_PKG_VERSION"));
             match library_path() {
-                Some(p) => println!("library: {}", p.display()),
-                None => println!(
+                Some(p) => outln!("library: {}", p.display()),
+                None => outln!(
                     "library: not found beside this binary (build with `cargo build --release`)"
                 ),
             }
@@ -125,9 +150,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let mut loaded = graph::load_model(&input)?;
             let rep = fuse::fuse_model(&mut loaded.model, true);
             graph::save_model(&loaded.model, &output, &loaded)?;
-            print!("{}", rep.human());
+            out!("{}", rep.human());
             if rep.fused == 0 {
-                println!(
+                outln!(
                     "nothing fused; `flash-ort inspect {}` lists each site's reason",
                     input.display()
                 );
@@ -136,7 +161,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 std::fs::write(&path, serde_json::to_string_pretty(&rep)?)
                     .with_context(|| format!("writing {}", path.display()))?;
             }
-            println!("wrote {}", output.display());
+            outln!("wrote {}", output.display());
             if verify && !run_verify(&input, &output, tolerance, None, false)? {
                 return Ok(ExitCode::from(1));
             }
@@ -156,9 +181,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let rep = fuse::fuse_model(&mut loaded.model, false);
             if json {
-                println!("{}", serde_json::to_string_pretty(&rep)?);
+                outln!("{}", serde_json::to_string_pretty(&rep)?);
             } else {
-                print!("{}", rep.human());
+                out!("{}", rep.human());
             }
         }
         Command::Verify {
@@ -174,7 +199,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Codes => {
             for (code, what) in fuse::reason::CODES {
-                println!("{code:<36} {what}");
+                outln!("{code:<36} {what}");
             }
         }
     }

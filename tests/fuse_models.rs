@@ -140,6 +140,7 @@ fn every_model_is_fully_fused_with_parity() {
             ));
         }
     }
+    let _ = std::fs::remove_dir_all(&out_dir);
     assert!(
         failures.is_empty(),
         "{} of {} models failed:\n{}",

@@ -220,3 +220,135 @@ fn every_skip_reason_leaves_the_graph_alone() {
     }
     assert!(seen >= 15, "only {seen} negative graphs");
 }
+
+#[test]
+fn batched_3d_runs_as_one_batch_of_bh_heads() {
+    let n = check_variant("fuse_batched_3d.onnx");
+    assert!((attr_f(&n, "scale").unwrap() - INV_SQRT8).abs() < 1e-6);
+    assert_eq!(
+        n.input.len(),
+        4,
+        "the [B·H, S, S] mask is passed, unsqueezed"
+    );
+    let (m, _) = fused("fuse_batched_3d.onnx");
+    let ops: Vec<_> = m
+        .graph
+        .as_ref()
+        .unwrap()
+        .node
+        .iter()
+        .filter_map(|n| n.op_type.as_deref())
+        .collect();
+    assert_eq!(ops.iter().filter(|o| **o == "Unsqueeze").count(), 4);
+    assert_eq!(ops.iter().filter(|o| **o == "Squeeze").count(), 1);
+}
+
+#[test]
+fn subgraphs_are_searched() {
+    let (m, rep) = fused("fuse_subgraph_if.onnx");
+    assert_eq!((rep.fused, rep.skipped), (2, 0), "{}", rep.human());
+    assert!(rep.sites.iter().all(|s| s.graph.starts_with("main/if.")));
+    let iff = &m.graph.as_ref().unwrap().node[0];
+    for a in &iff.attribute {
+        let g = a.g.as_ref().unwrap();
+        assert!(g
+            .node
+            .iter()
+            .any(|n| n.domain.as_deref() == Some("com.flash")));
+        assert!(!g
+            .node
+            .iter()
+            .any(|n| n.op_type.as_deref() == Some("Softmax")));
+    }
+    assert!(m
+        .opset_import
+        .iter()
+        .any(|o| o.domain.as_deref() == Some("com.flash")));
+    let mut again = m.clone();
+    assert_eq!(fuse::fuse_model(&mut again, true).fused, 0);
+    assert_eq!(io::encode_model(&again), io::encode_model(&m));
+    parity("fuse_subgraph_if.onnx", &m);
+}
+
+#[test]
+fn hf_range_mask_gives_causal_and_window() {
+    let n = check_variant("fuse_hf_causal_window.onnx");
+    assert_eq!(attr_i(&n, "is_causal"), Some(1));
+    assert_eq!(
+        attr_i(&n, "window_left"),
+        Some(2),
+        "kv > q − 3 keeps keys i−2..i"
+    );
+    assert_eq!(n.input.len(), 4, "the padding part stays as attn_mask");
+}
+
+#[test]
+fn trilu_of_ones_is_causal() {
+    let n = check_variant("fuse_trilu_causal.onnx");
+    assert_eq!(attr_i(&n, "is_causal"), Some(1));
+    assert_eq!(n.input.len(), 3);
+}
+
+#[test]
+fn a_shifted_triangle_is_not_taken_for_causal() {
+    // Fused, but the mask is passed as it is: having a triangle-looking mask is not causality.
+    let n = check_variant("fuse_shifted_triangle_not_causal.onnx");
+    assert_eq!(attr_i(&n, "is_causal"), None);
+    assert_eq!(attr_i(&n, "window_left"), None);
+    assert_eq!(n.input.len(), 4);
+}
+
+#[test]
+fn onnx_checker_accepts_every_fused_graph() {
+    let py = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    if !py.exists() {
+        eprintln!(".venv missing: onnx.checker not run");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("flash-ort-checker-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(graph_path("")).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("fuse_") && name.ends_with(".onnx") {
+            let (m, _) = fused(&name);
+            let out = dir.join(&name);
+            std::fs::write(&out, io::encode_model(&m)).unwrap();
+            files.push(out);
+        }
+    }
+    let script = "import sys, onnx\nfor f in sys.argv[1:]:\n    onnx.checker.check_model(onnx.load(f), full_check=True)\n";
+    let o = std::process::Command::new(py)
+        .arg("-c")
+        .arg(script)
+        .args(&files)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(files.len() >= 15);
+}
+
+#[test]
+fn softcap_after_a_score_scale() {
+    let n = check_variant("fuse_softcap_score_scale.onnx");
+    assert_eq!(attr_f(&n, "softcap"), Some(30.0));
+    assert_eq!(attr_f(&n, "scale"), Some(0.25));
+}
+
+#[test]
+fn kv_cache_step_keeps_present_outputs() {
+    let n = check_variant("fuse_kv_cache.onnx");
+    assert_eq!(
+        attr_i(&n, "is_causal"),
+        None,
+        "Sq ≠ Skv: never causal from a mask"
+    );
+    assert_eq!(n.input[1], "present_key", "K is the concatenated cache");
+    let (m, _) = fused("fuse_kv_cache.onnx");
+    let g = m.graph.as_ref().unwrap();
+    assert!(g
+        .node
+        .iter()
+        .any(|n| n.output.first().map(String::as_str) == Some("present_key")));
+}

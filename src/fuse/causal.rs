@@ -2,6 +2,12 @@
 //! builds it: `And(ones, kv_idx ≤ q_idx, kv_idx > q_idx − w, padding)` over `Range` indices,
 //! used directly (bool) or as `Where(mask, 0, min)`. The proven parts become `is_causal` and
 //! `window_left`; the other conjuncts (padding) stay as the mask.
+//!
+//! Rows in which every key is masked (only at padding query positions: left padding with a
+//! causal mask, or right padding beyond a sliding window) are the one place where the result can
+//! differ: the exported graph adds `finfo.min` everywhere and so averages all values uniformly,
+//! while the operator never looks at keys outside the triangle/window. Every row with a visible
+//! key is the same up to float rounding.
 
 use crate::graph::onnx::tensor_proto::DataType;
 use crate::graph::shapes::Dim;
@@ -121,7 +127,7 @@ pub fn split_bool(v: &GraphView, cond: &str, sq: &Dim, skv: &Dim) -> Option<Spli
         if is_all_true(v, &p) {
             continue;
         }
-        if !split.causal && is_causal_compare(v, &p, sq, skv) {
+        if !split.causal && (is_causal_compare(v, &p, sq, skv) || is_lower_trilu(v, &p, sq, skv)) {
             split.causal = true;
         } else if let Some(w) =
             window_compare(v, &p, sq, skv).filter(|_| split.window_left.is_none())
@@ -272,6 +278,41 @@ fn is_causal_compare(v: &GraphView, t: &str, sq: &Dim, skv: &Dim) -> bool {
     let (a, b) = (&n.input[0], n.input.get(1).cloned().unwrap_or_default());
     (is_op(n, "LessOrEqual") && kv_and_q(v, a, &b, sq, skv))
         || (is_op(n, "GreaterOrEqual") && kv_and_q(v, &b, a, sq, skv))
+}
+
+/// `Trilu(ones[.., Sq, Skv], upper=0)` (bool, or through a bool Cast), or `Not` of the strict
+/// upper triangle `Trilu(ones, upper=1, k=1)`: true on and below the diagonal.
+fn is_lower_trilu(v: &GraphView, t: &str, sq: &Dim, skv: &Dim) -> bool {
+    let Some(p) = v.producer(t) else { return false };
+    let n = v.node(p);
+    if is_op(n, "Cast") && attr_i(n, "to") == Some(DataType::Bool as i64) {
+        return is_lower_trilu(v, &n.input[0], sq, skv);
+    }
+    let (trilu, want_upper, want_k) = if is_op(n, "Not") {
+        match v.producer_op(&n.input[0], "Trilu") {
+            Some(tp) => (tp, 1, 1),
+            None => return false,
+        }
+    } else if is_op(n, "Trilu") {
+        (p, 0, 0)
+    } else {
+        return false;
+    };
+    let tn = v.node(trilu);
+    let k = match tn.input.get(1).filter(|s| !s.is_empty()) {
+        None => 0,
+        Some(k) => match v.infos.ints(k) {
+            Some([Dim::Val(k)]) if v.is_constant_expr(&tn.input[1], 4) => *k,
+            _ => return false,
+        },
+    };
+    let square = v
+        .dims(&tn.input[0])
+        .is_some_and(|d| d.len() >= 2 && d[d.len() - 2] == *sq && d[d.len() - 1] == *skv);
+    attr_i(tn, "upper").unwrap_or(1) == want_upper
+        && k == want_k
+        && square
+        && is_all_true(v, &tn.input[0])
 }
 
 /// `kv > q − w` (or `q − w < kv`): returns window_left = w − 1.

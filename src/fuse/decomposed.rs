@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 
+use super::gqa;
 use super::mask::{self, MaskTerm};
 use super::plan::{self, Names, Plan, Summary};
 use super::reason::Skip;
@@ -358,10 +359,8 @@ pub fn match_softmax(
                         "a Mul/Div on the score path with no constant scalar operand",
                     ));
                 };
-                // A factor applied after softcap scales its output: not expressible.
-                if phase == 1 {
-                    return Err(Skip::new("softcap-unrecognized", s.label(p), "a scale factor between the score MatMul and softcap is fine, but not inside it"));
-                }
+                // Met after softcap (walking up) means applied before it: that is the operator's
+                // order (scale, then softcap). A factor after softcap was met first and set phase 2.
                 s.scale *= f;
                 phase = 2;
                 t = data;
@@ -419,8 +418,8 @@ pub fn match_softmax(
         .copied()
         .unwrap_or(qk);
     let (k, vv, gqa) = match (
-        fold_repeat_kv(v, &k, k_reader),
-        fold_repeat_kv(v, &v_in, pv),
+        gqa::fold_repeat_kv(v, &k, k_reader),
+        gqa::fold_repeat_kv(v, &v_in, pv),
     ) {
         (Some((kb, kn)), Some((vb, vn))) => {
             s.core.extend(kn);
@@ -442,6 +441,25 @@ pub fn match_softmax(
     let Some(kd) = kd else {
         return Err(Skip::new("rank-unknown", s.label(qk), "rank of K unknown"));
     };
+    // 3D batched [B·H, S, D] tensors run as 4D [1, B·H, S, D]: one batch of B·H heads.
+    let batched3d = qd.len() == 3 && kd.len() == 3 && vd.len() == 3;
+    let lift = |d: &[Dim]| -> Vec<Dim> {
+        if batched3d {
+            std::iter::once(Dim::Val(1))
+                .chain(d.iter().cloned())
+                .collect()
+        } else {
+            d.to_vec()
+        }
+    };
+    let (qd, kd, vd) = (lift(qd), lift(&kd), lift(vd));
+    if batched3d && rank != 3 {
+        return Err(Skip::new(
+            "mask-not-broadcastable",
+            s.label(sm),
+            format!("3D batched attention whose scores have rank {rank}"),
+        ));
+    }
     if qd.len() != 4 || kd.len() != 4 || vd.len() != 4 {
         return Err(Skip::new(
             "rank-unsupported",
@@ -525,11 +543,18 @@ pub fn match_softmax(
     }
 
     // The mask: causal proven → is_causal; the rest combined into one attn_mask.
-    let score_dims = v.dims(&scores).map(<[Dim]>::to_vec);
+    let score_dims = v.dims(&scores).map(lift);
+    if batched3d && score_dims.as_ref().is_none_or(|d| d.len() != 4) {
+        return Err(Skip::new(
+            "rank-unsupported",
+            s.label(qk),
+            "3D batched scores are not rank 3",
+        ));
+    }
     let m = mask::build(
         v,
         &masks,
-        qd,
+        &qd,
         &kd,
         score_dims.as_deref(),
         elem,
@@ -549,13 +574,26 @@ pub fn match_softmax(
     if let Some(c) = softcap {
         attrs.push(plan::attr_float("softcap", c as f32));
     }
-    let inputs = vec![
+    let mut inputs = vec![
         q.clone(),
         k.clone(),
         vv.clone(),
         m.tensor.clone().unwrap_or_default(),
     ];
-    extra_nodes.push(plan::flash_node(base, inputs, vec![y_out], attrs));
+    let mut out = y_out.clone();
+    if batched3d {
+        // Unsqueeze Q, K, V and the mask at axis 0, run, squeeze Y back to [B·H, S, Dv].
+        let mut axes = plan::Axes::new(opset, names, &s.label(sm), &mut extra_nodes);
+        for t in inputs.iter_mut().filter(|t| !t.is_empty()) {
+            *t = axes.apply("Unsqueeze", t, names, &mut extra_nodes);
+        }
+        out = names.fresh(&format!("{y_out}/bhsd"));
+    }
+    extra_nodes.push(plan::flash_node(base, inputs, vec![out.clone()], attrs));
+    if batched3d {
+        let mut axes = plan::Axes::new(opset, names, &s.label(sm), &mut extra_nodes);
+        axes.apply_to("Squeeze", &out, &y_out, names, &mut extra_nodes);
+    }
 
     let mut remove: Vec<usize> = core.into_iter().collect();
     remove.sort_unstable();
@@ -569,7 +607,11 @@ pub fn match_softmax(
             softcap: softcap.map(|c| c as f32),
             mask: m.description,
             gqa_folded: gqa,
-            layout: "BHSD".into(),
+            layout: if batched3d {
+                "3D batched [B·H, S, D]".into()
+            } else {
+                "BHSD".into()
+            },
         },
     })
 }
@@ -577,7 +619,7 @@ pub fn match_softmax(
 /// Whether node `c` reads only the shape of its input (a `Shape` node). Such readers do not
 /// stop a fusion: the rewrite removes a site's nodes only once nothing reads them, so a tensor
 /// whose shape is still needed elsewhere is kept and stays correct.
-fn shape_only(v: &GraphView, c: usize) -> bool {
+pub fn shape_only(v: &GraphView, c: usize) -> bool {
     is_op(v.node(c), "Shape")
 }
 
@@ -731,6 +773,11 @@ fn untranspose_k(
         let perm = attr_ints(n, "perm").unwrap_or_default();
         match v.rank(&x) {
             Some(4) => {}
+            // 3D batched attention: [B·H, S, D] with Kᵀ = Transpose[0, 2, 1].
+            Some(3) if perm == [0, 2, 1] => {
+                s.core.push(p);
+                return Ok(Untransposed::Same(x));
+            }
             Some(r) => {
                 return Err(Skip::new(
                     "rank-unsupported",
@@ -816,83 +863,4 @@ fn dims_of_k(v: &GraphView, k: &str, extra: &[NodeProto]) -> Option<Vec<Dim>> {
         .find(|n| n.output.first().map(String::as_str) == Some(k))?;
     let x = v.dims(&n.input[0])?;
     (x.len() == 4).then(|| vec![x[0].clone(), x[2].clone(), x[1].clone(), x[3].clone()])
-}
-
-/// `Reshape(Expand(Unsqueeze(x, 2), [B, Hkv, n, S, D]), [B, Hkv·n, S, D])` — repeat_interleave of
-/// KV heads, possibly with Identity (a clone) or no-op Slices between the steps, as the dynamo
-/// exporter writes it. Returns x and the nodes when every dim is proven.
-pub fn fold_repeat_kv(v: &GraphView, t: &str, reader: usize) -> Option<(String, Vec<usize>)> {
-    let mut nodes = Vec::new();
-    // Each step's output must be read only by the next step.
-    let private = |name: &str, rd: usize| {
-        v.consumers(name)
-            .iter()
-            .all(|&c| c == rd || shape_only(v, c))
-            && !v.is_graph_output(name)
-    };
-    if !private(t, reader) {
-        return None;
-    }
-    let r = v.producer_op(t, "Reshape")?;
-    nodes.push(r);
-    let mut cur = v.node(r).input[0].clone();
-    let mut rd = r;
-    // Skips Identity and Slices that keep every dim, returning the producer of the first other op.
-    let skip = |cur: &mut String, rd: &mut usize, nodes: &mut Vec<usize>| -> Option<usize> {
-        loop {
-            if !private(cur, *rd) {
-                return None;
-            }
-            let p = v.producer(cur)?;
-            let n = v.node(p);
-            let no_op = is_op(n, "Identity")
-                || (is_op(n, "Slice") && {
-                    let (a, b) = (v.dims(&n.input[0])?, v.dims(cur)?);
-                    a == b
-                });
-            if !no_op {
-                return Some(p);
-            }
-            nodes.push(p);
-            *rd = p;
-            *cur = n.input[0].clone();
-        }
-    };
-    let e = skip(&mut cur, &mut rd, &mut nodes).filter(|&e| is_op(v.node(e), "Expand"))?;
-    nodes.push(e);
-    let target = v.infos.ints(&v.node(e).input[1]);
-    cur = v.node(e).input[0].clone();
-    rd = e;
-    let u = skip(&mut cur, &mut rd, &mut nodes).filter(|&u| is_op(v.node(u), "Unsqueeze"))?;
-    nodes.push(u);
-    let un = v.node(u);
-    let axes = attr_ints(un, "axes")
-        .filter(|a| !a.is_empty())
-        .or_else(|| {
-            un.input
-                .get(1)
-                .and_then(|a| v.infos.ints(a))
-                .and_then(|d| d.iter().map(Dim::val).collect())
-        })?;
-    let x = un.input[0].clone();
-    let xd = v.dims(&x)?;
-    if axes != [2] || xd.len() != 4 {
-        return None;
-    }
-    let (target, out) = (target?, v.dims(t)?);
-    let same = |a: &Dim, b: &Dim| a == b || *a == Dim::Val(1);
-    let ok = target.len() == 5
-        && same(&target[0], &xd[0])
-        && same(&target[1], &xd[1])
-        && same(&target[3], &xd[2])
-        && same(&target[4], &xd[3])
-        && out.len() == 4
-        && out[0] == xd[0]
-        && out[2] == xd[2]
-        && out[3] == xd[3]
-        && match (&out[1], &xd[1], &target[2]) {
-            (Dim::Val(h), Dim::Val(hk), Dim::Val(n)) => *h == hk * n,
-            _ => false,
-        };
-    ok.then_some((x, nodes))
 }

@@ -4,6 +4,7 @@
 
 pub mod causal;
 pub mod decomposed;
+pub mod gqa;
 pub mod mask;
 pub mod plan;
 pub mod reason;

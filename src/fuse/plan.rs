@@ -123,3 +123,58 @@ pub fn flash_node(
     n.domain = Some(DOMAIN.into());
     n
 }
+
+/// Unsqueeze/Squeeze at axis 0 in the spelling the opset wants (an `axes` input from 13, an
+/// attribute before), sharing one constant per site.
+pub struct Axes {
+    input: Option<String>,
+}
+
+impl Axes {
+    pub fn new(opset: i64, names: &mut Names, site: &str, nodes: &mut Vec<NodeProto>) -> Self {
+        if opset < 13 {
+            return Axes { input: None };
+        }
+        let out = names.fresh(&format!("{site}/axis0"));
+        let t = crate::graph::tensor::int64_tensor(&out, &[1], &[0]);
+        let value = AttributeProto {
+            name: Some("value".into()),
+            r#type: Some(AttributeType::Tensor as i32),
+            t: Some(t),
+            ..Default::default()
+        };
+        let nm = names.fresh(&format!("{site}/axis0_node"));
+        nodes.push(node("Constant", nm, vec![], vec![out.clone()], vec![value]));
+        Axes { input: Some(out) }
+    }
+
+    /// `op(x, axes=[0])` into a new tensor; returns its name.
+    pub fn apply(
+        &mut self,
+        op: &str,
+        x: &str,
+        names: &mut Names,
+        nodes: &mut Vec<NodeProto>,
+    ) -> String {
+        let out = names.fresh(&format!("{x}/{}", op.to_lowercase()));
+        self.apply_to(op, x, &out, names, nodes);
+        out
+    }
+
+    /// `op(x, axes=[0])` into `out`.
+    pub fn apply_to(
+        &mut self,
+        op: &str,
+        x: &str,
+        out: &str,
+        names: &mut Names,
+        nodes: &mut Vec<NodeProto>,
+    ) {
+        let nm = names.fresh(&format!("{out}/{}_node", op.to_lowercase()));
+        let (inputs, attrs) = match &self.input {
+            Some(a) => (vec![x.to_string(), a.clone()], vec![]),
+            None => (vec![x.to_string()], vec![attr_ints("axes", &[0])]),
+        };
+        nodes.push(node(op, nm, inputs, vec![out.to_string()], attrs));
+    }
+}

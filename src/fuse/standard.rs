@@ -5,7 +5,7 @@
 
 use super::plan::{self, Names, Plan, Summary};
 use super::reason::Skip;
-use super::{causal, decomposed};
+use super::{causal, gqa};
 use crate::graph::onnx::{tensor_proto::DataType, NodeProto};
 use crate::graph::shapes::Dim;
 use crate::graph::tensor;
@@ -122,8 +122,8 @@ pub fn match_attention(v: &GraphView, i: usize, names: &mut Names) -> Result<Pla
     let mut gqa = false;
     if v.rank(&q) == Some(4) && input(4).is_none() {
         if let (Some((kb, kn)), Some((vb, vn))) = (
-            decomposed::fold_repeat_kv(v, &inputs[1], i),
-            decomposed::fold_repeat_kv(v, &inputs[2], i),
+            gqa::fold_repeat_kv(v, &inputs[1], i),
+            gqa::fold_repeat_kv(v, &inputs[2], i),
         ) {
             inputs[1] = kb;
             inputs[2] = vb;

@@ -80,6 +80,8 @@ pub fn decode_model(bytes: Vec<u8>, what: &str) -> Result<ModelProto> {
             "{what} is not an ONNX model: no ir_version"
         )));
     }
+    super::validate::check_model(&model)
+        .map_err(|e| Error::InvalidArgument(format!("{what} is not a valid ONNX model: {e}")))?;
     Ok(model)
 }
 
@@ -98,6 +100,8 @@ pub fn save_model(model: &ModelProto, out: &Path, source: &LoadedModel) -> Resul
     } else {
         out_dir
     };
+    fs::create_dir_all(&out_dir)
+        .map_err(|e| Error::Other(format!("cannot create {}: {e}", out_dir.display())))?;
     let same_dir = match (fs::canonicalize(&out_dir), fs::canonicalize(&source.dir)) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,

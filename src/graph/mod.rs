@@ -5,6 +5,7 @@ pub mod io;
 pub mod onnx;
 pub mod shapes;
 pub mod tensor;
+pub mod validate;
 pub mod view;
 
 pub use io::{load_model, save_model, LoadedModel};

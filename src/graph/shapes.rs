@@ -619,7 +619,7 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
             let dims = Some(match (&x.dims, attr_i(n, "axis").unwrap_or(1)) {
                 (Some(d), a) if a >= 0 && (a as usize) <= d.len() => {
                     let a = a as usize;
-                    let prod = |s: &[Dim]| s.iter().map(Dim::val).product::<Option<i64>>();
+                    let prod = |s: &[Dim]| s.iter().try_fold(1i64, |a, d| a.checked_mul(d.val()?));
                     let (l, r) = (prod(&d[..a]), prod(&d[a..]));
                     vec![
                         l.map(Dim::Val).unwrap_or_else(|| infos.fresh()),
@@ -895,7 +895,7 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
                     if d.len() != first.len() {
                         return None;
                     }
-                    total = total.and_then(|t| d[ax].val().map(|v| t + v));
+                    total = total.and_then(|t| d[ax].val().and_then(|v| t.checked_add(v)));
                 }
                 let mut out = first;
                 out[ax] = total.map(Dim::Val).unwrap_or(Dim::Sym(String::new()));
@@ -1093,7 +1093,7 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
             let len = match (scalar(0), scalar(1), scalar(2)) {
                 (Some(Dim::Val(0)), Some(n), Some(Dim::Val(1))) => n,
                 (Some(Dim::Val(a)), Some(Dim::Val(b)), Some(Dim::Val(d))) if d != 0 => {
-                    Dim::Val(((b - a) as f64 / d as f64).ceil().max(0.0) as i64)
+                    Dim::Val(((b as f64 - a as f64) / d as f64).ceil().max(0.0) as i64)
                 }
                 _ => infos.fresh(),
             };

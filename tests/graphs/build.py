@@ -189,15 +189,18 @@ def gqa_repeat_kv():
     finish(g, g.op("MatMul", [p, v]), "fuse_gqa_repeat_kv.onnx")
 
 
-def softcap():
-    """Gemma-2 style softcap: scale, then Div(30) → Tanh → Mul(30)."""
+def softcap(fname="fuse_softcap.onnx", scale_on_scores=False):
+    """Gemma-2 style softcap: scale (on Q, or on the scores), then Div(30) → Tanh → Mul(30)."""
     g = G()
     x = encoder_start(g)
     q, k, v = heads(g, x), heads(g, x), heads(g, x)
-    s = g.op("MatMul", [g.op("Mul", [q, g.const(0.25)]), g.op("Transpose", [k], perm=[0, 1, 3, 2])])
+    if scale_on_scores:
+        s = g.op("Mul", [g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])]), g.const(0.25)])
+    else:
+        s = g.op("MatMul", [g.op("Mul", [q, g.const(0.25)]), g.op("Transpose", [k], perm=[0, 1, 3, 2])])
     s = g.op("Mul", [g.op("Tanh", [g.op("Div", [s, g.const(30.0)])]), g.const(30.0)])
     p = g.op("Softmax", [s], axis=3)
-    finish(g, g.op("MatMul", [p, v]), "fuse_softcap.onnx")
+    finish(g, g.op("MatMul", [p, v]), fname)
 
 
 def gpt2_causal_buffer():
@@ -264,6 +267,102 @@ def fp16_cast_softmax():
     g.save("fuse_fp16_cast_softmax.onnx")
 
 
+def batched_3d():
+    """Older BART/Whisper/Marian: [B·H, S, D] batched MatMuls, Q scaled before the product, an
+    additive [B·H, S, S] mask."""
+    g = G()
+    qn = g.input("q", T.FLOAT, ["BH", "S", D])
+    kn = g.input("k", T.FLOAT, ["BH", "S", D])
+    vn = g.input("v", T.FLOAT, ["BH", "S", D])
+    m = g.input("mask", T.FLOAT, ["BH", "S", "S"])
+    s = g.op("MatMul", [g.op("Mul", [qn, g.const(1 / np.sqrt(D))]), g.op("Transpose", [kn], perm=[0, 2, 1])])
+    p = g.op("Softmax", [g.op("Add", [s, m])], axis=-1)
+    y = g.op("MatMul", [p, vn])
+    g.nodes.append(h.make_node("Identity", [y], ["y"], name="out"))
+    g.output("y", T.FLOAT, ["BH", "S", D])
+    g.save("fuse_batched_3d.onnx")
+
+
+def subgraph_if():
+    """Attention inside both branches of an If (searched like the main graph)."""
+    def branch(name):
+        g = G()
+        s = g.op("MatMul", ["q", g.op("Transpose", ["k"], perm=[0, 1, 3, 2])])
+        s = g.op("Div", [s, g.const(np.sqrt(D))])
+        p = g.op("Softmax", [s], axis=-1)
+        y = g.op("MatMul", [p, "v"])
+        g.nodes.append(h.make_node("Identity", [y], [name + "_y"], name=name + "_out"))
+        return h.make_graph(g.nodes, name, [], [h.make_tensor_value_info(name + "_y", T.FLOAT, ["B", H, "S", D])], g.inits)
+
+    g = G()
+    for n in "qkv":
+        g.input(n, T.FLOAT, ["B", H, "S", D])
+    g.input("flag", T.BOOL, [])
+    g.nodes.append(h.make_node("If", ["flag"], ["y"], name="if", then_branch=branch("then"), else_branch=branch("else")))
+    g.output("y", T.FLOAT, ["B", H, "S", D])
+    g.save("fuse_subgraph_if.onnx")
+
+
+def hf_causal_window(fname="fuse_hf_causal_window.onnx", shift=0):
+    """Hugging Face decoder mask: And(ones, kv ≤ q, kv > q − 3, padding) over Range indices, as
+    Where(mask, 0, min), added to the scores (causal + sliding window 3 + right padding). With
+    `shift`, the triangle is kv ≤ q + shift: not causal, so it must stay a mask."""
+    g = G()
+    x = encoder_start(g)
+    q, k, v = heads(g, x), heads(g, x), heads(g, x)
+    s = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])
+    s = g.op("Mul", [s, g.const(1 / np.sqrt(D))])
+    am = g.input("attention_mask", T.INT64, ["B", "S"])
+    n = g.op("Squeeze", [g.op("Shape", [x], start=1, end=2), g.const([0], np.int64)])
+    idx = g.op("Range", [g.const(0, np.int64), n, g.const(1, np.int64)])
+    kv = g.op("Unsqueeze", [idx, g.const([0, 1, 2], np.int64)])  # [1, 1, 1, S]
+    qi = g.op("Unsqueeze", [idx, g.const([0, 1, 3], np.int64)])  # [1, 1, S, 1]
+    causal = g.op("LessOrEqual", [kv, g.op("Add", [qi, g.const(shift, np.int64)]) if shift else qi])
+    window = g.op("Greater", [kv, g.op("Sub", [qi, g.const(3, np.int64)])])
+    pad = g.op("Cast", [g.op("Unsqueeze", [am, g.const([1, 2], np.int64)])], to=T.BOOL)
+    keep = g.op("And", [g.op("And", [causal, window]), pad])
+    bias = g.op("Where", [keep, g.const(0.0), g.const(np.finfo(np.float32).min)])
+    p = g.op("Softmax", [g.op("Add", [s, bias])], axis=-1)
+    finish(g, g.op("MatMul", [p, v]), fname)
+
+
+def kv_cache():
+    """A decoder step with a KV cache: K/V = Concat(past, new) (also the present outputs), an
+    additive mask over all P + S keys. Fused with the mask; never is_causal (Sq ≠ Skv)."""
+    g = G()
+    x = encoder_start(g)
+    q, k, v = heads(g, x), heads(g, x), heads(g, x)
+    pk = g.input("past_key", T.FLOAT, ["B", H, "past_sequence", D])
+    pv = g.input("past_value", T.FLOAT, ["B", H, "past_sequence", D])
+    g.nodes.append(h.make_node("Concat", [pk, k], ["present_key"], name="cat_k", axis=2))
+    g.nodes.append(h.make_node("Concat", [pv, v], ["present_value"], name="cat_v", axis=2))
+    s = g.op("MatMul", [q, g.op("Transpose", ["present_key"], perm=[0, 1, 3, 2])])
+    s = g.op("Mul", [s, g.const(1 / np.sqrt(D))])
+    s = g.op("Add", [s, g.input("bias", T.FLOAT, ["B", 1, "S", "total_sequence"])])
+    p = g.op("Softmax", [s], axis=-1)
+    out = merge(g, g.op("MatMul", [p, "present_value"]))
+    g.nodes.append(h.make_node("Identity", [out], ["y"], name="out"))
+    g.output("y", T.FLOAT, ["B", "S", HID])
+    g.output("present_key", T.FLOAT, None)
+    g.output("present_value", T.FLOAT, None)
+    g.save("fuse_kv_cache.onnx")
+
+
+def trilu_causal():
+    """TorchScript SDPA is_causal: Where(Trilu(ones[S, S]), scores, −inf)."""
+    g = G()
+    x = encoder_start(g)
+    q, k, v = heads(g, x), heads(g, x), heads(g, x)
+    s = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])
+    s = g.op("Div", [s, g.const(np.sqrt(D))])
+    n = g.op("Shape", [x], start=1, end=2)
+    ones = g.op("ConstantOfShape", [g.op("Concat", [n, n], axis=0)], value=nh.from_array(np.array([True]), "one"))
+    tri = g.op("Trilu", [ones], upper=0)
+    s = g.op("Where", [tri, s, g.const(-np.inf)])
+    p = g.op("Softmax", [s], axis=-1)
+    finish(g, g.op("MatMul", [p, v]), "fuse_trilu_causal.onnx")
+
+
 def onnx_attention(name="fuse_onnx_attention.onnx", causal=0, kv_seq="S", qk_out=False):
     """Standard ONNX Attention (opset 23), 4D, optional causal."""
     g = G()
@@ -283,12 +382,12 @@ def onnx_attention(name="fuse_onnx_attention.onnx", causal=0, kv_seq="S", qk_out
 
 def simple(fname, *, axis=-1, scale_input=False, scores_out=False, extra_reader=False,
            mask_rank5=False, dropout_training=False, bad_perm=False, fill=None, mask_then_scale=False,
-           bad_softcap=False, dtype=T.FLOAT, rank3=False, pv_swapped=False, relu=False):
+           bad_softcap=False, dtype=T.FLOAT, rank2=False, pv_swapped=False, relu=False):
     g = G()
-    shape = ["BH", "S", D] if rank3 else ["B", H, "S", D]
+    shape = ["S", D] if rank2 else ["B", H, "S", D]
     qn, kn, vn = (g.input(n, dtype, shape) for n in "qkv")
     npdt = np.float64 if dtype == T.DOUBLE else np.float32
-    perm = [0, 2, 1] if rank3 else ([1, 0, 3, 2] if bad_perm else [0, 1, 3, 2])
+    perm = [1, 0] if rank2 else ([1, 0, 3, 2] if bad_perm else [0, 1, 3, 2])
     s = g.op("MatMul", [qn, g.op("Transpose", [kn], perm=perm)])
     if relu:
         s = g.op("Relu", [s])
@@ -318,18 +417,84 @@ def simple(fname, *, axis=-1, scale_input=False, scores_out=False, extra_reader=
     g.save(fname, opset=18)
 
 
+def more_negatives():
+    """The remaining constructible skip reasons, one small graph each."""
+    # batch-mismatch: K has a static batch of 1 that MatMul broadcasts over Q's batch of 2.
+    g = G()
+    qn = g.input("q", T.FLOAT, [2, H, 5, D])
+    kn = g.input("k", T.FLOAT, [1, H, 5, D])
+    vn = g.input("v", T.FLOAT, [2, H, 5, D])
+    p = g.op("Softmax", [g.op("MatMul", [qn, g.op("Transpose", [kn], perm=[0, 1, 3, 2])])], axis=-1)
+    g.nodes.append(h.make_node("MatMul", [p, vn], ["y"], name="pv"))
+    g.output("y", T.FLOAT, [2, H, 5, D])
+    g.save("skip_batch-mismatch.onnx")
+
+    # pv-matmul-missing: the probabilities go through a Relu before the MatMul with V.
+    g = G()
+    qn, kn, vn = (g.input(n, T.FLOAT, ["B", H, "S", D]) for n in "qkv")
+    p = g.op("Softmax", [g.op("MatMul", [qn, g.op("Transpose", [kn], perm=[0, 1, 3, 2])])], axis=-1)
+    g.nodes.append(h.make_node("MatMul", [g.op("Relu", [p]), vn], ["y"], name="pv"))
+    g.output("y", T.FLOAT, ["B", H, "S", D])
+    g.save("skip_pv-matmul-missing.onnx")
+
+    # score-path-ambiguous: two products added before the Softmax.
+    g = G()
+    qn, kn, vn = (g.input(n, T.FLOAT, ["B", H, "S", D]) for n in "qkv")
+    s1 = g.op("MatMul", [qn, g.op("Transpose", [kn], perm=[0, 1, 3, 2])])
+    s2 = g.op("MatMul", [kn, g.op("Transpose", [qn], perm=[0, 1, 3, 2])])
+    p = g.op("Softmax", [g.op("Add", [s1, s2])], axis=-1)
+    g.nodes.append(h.make_node("MatMul", [p, vn], ["y"], name="pv"))
+    g.output("y", T.FLOAT, ["B", H, "S", D])
+    g.save("skip_score-path-ambiguous.onnx")
+
+    # no-score-matmul: a Softmax over a sum of inputs, then a MatMul.
+    g = G()
+    a, b = g.input("a", T.FLOAT, ["B", H, "S", "S"]), g.input("b", T.FLOAT, ["B", H, "S", "S"])
+    vn = g.input("v", T.FLOAT, ["B", H, "S", D])
+    p = g.op("Softmax", [g.op("Add", [a, b])], axis=-1)
+    g.nodes.append(h.make_node("MatMul", [p, vn], ["y"], name="pv"))
+    g.output("y", T.FLOAT, ["B", H, "S", D])
+    g.save("skip_no-score-matmul.onnx")
+
+    # rank-unknown: the scores come through an op flash-ort does not infer shapes for (Einsum).
+    g = G()
+    qn, kn, vn = (g.input(n, T.FLOAT, ["B", H, "S", D]) for n in "qkv")
+    s = g.op("Einsum", [qn, kn], equation="bhqd,bhkd->bhqk")
+    p = g.op("Softmax", [s], axis=-1)
+    g.nodes.append(h.make_node("MatMul", [p, vn], ["y"], name="pv"))
+    g.output("y", T.FLOAT, ["B", H, "S", D])
+    g.save("skip_rank-unknown.onnx")
+
+    # mask-dtype-mismatch: float16 attention with a float32 mask added after a Cast.
+    g = G()
+    qn, kn, vn = (g.input(n, T.FLOAT16, ["B", H, "S", D]) for n in "qkv")
+    s = g.op("Cast", [g.op("MatMul", [qn, g.op("Transpose", [kn], perm=[0, 1, 3, 2])])], to=T.FLOAT)
+    s = g.op("Add", [s, g.input("mask", T.FLOAT, ["B", 1, 1, "S"])])
+    p = g.op("Cast", [g.op("Softmax", [s], axis=-1)], to=T.FLOAT16)
+    g.nodes.append(h.make_node("MatMul", [p, vn], ["y"], name="pv"))
+    g.output("y", T.FLOAT16, ["B", H, "S", D])
+    g.save("skip_mask-dtype-mismatch.onnx")
+
+
 def main():
     bert_eager()
     sdpa_sqrt_scale()
     dynamo_k_reshape()
     gqa_repeat_kv()
     softcap()
+    softcap("fuse_softcap_score_scale.onnx", scale_on_scores=True)
     gpt2_causal_buffer()
     t5_position_bias()
     cross_attention()
     fp16_cast_softmax()
     onnx_attention()
     onnx_attention("fuse_onnx_attention_causal.onnx", causal=1)
+    batched_3d()
+    subgraph_if()
+    hf_causal_window()
+    hf_causal_window("fuse_shifted_triangle_not_causal.onnx", shift=1)
+    trilu_causal()
+    kv_cache()
     # Negative graphs: file name = expected reason code.
     simple("skip_softmax-not-last-axis.onnx", axis=2)
     simple("skip_scale-not-constant.onnx", scale_input=True)
@@ -342,11 +507,12 @@ def main():
     simple("skip_mask-before-scale.onnx", mask_then_scale=True)
     simple("skip_softcap-unrecognized.onnx", bad_softcap=True)
     simple("skip_dtype-unsupported.onnx", dtype=T.DOUBLE)
-    simple("skip_rank-unsupported.onnx", rank3=True)
+    simple("skip_rank-unsupported.onnx", rank2=True)
     simple("skip_pv-order-unexpected.onnx", pv_swapped=True)
     simple("skip_score-op-unsupported.onnx", relu=True)
     onnx_attention("skip_causal-alignment-ambiguous.onnx", causal=1, kv_seq="T")
     onnx_attention("skip_qk-output-used.onnx", qk_out=True)
+    more_negatives()
 
 
 if __name__ == "__main__":
