@@ -1,0 +1,196 @@
+//! CUDA kernel throughput on the ANCHORS.md grid (16k tokens, hidden 2048, D ∈ {64, 128},
+//! causal or not, fp16/bf16) and decode (Sq = 1, 32 q heads, 8 KV heads, D = 128). Prints one
+//! JSON object per row (TFLOP/s or GB/s of K/V read); `scripts/cuda_bench_table.py` merges them
+//! with the PyTorch peers measured in the same run. Times are medians of CUDA-event-timed runs
+//! after warm-up.
+//!
+//! Run: `cargo bench --features cuda --bench cuda_bench` (needs a GPU).
+
+#[path = "../tests/cuda_common/mod.rs"]
+mod cuda_common;
+
+use cuda_common::*;
+use cudarc::driver::{CudaSlice, DevicePtr};
+use flash_ort::attention::{self, AttentionAttrs, DType, ElemType, InputDescs, TensorDesc};
+use flash_ort::cuda::{self, DevicePtrs};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+fn random_device(g: &Gpu, dtype: DType, n: usize, rng: &mut StdRng) -> CudaSlice<u8> {
+    g.stream
+        .clone_htod(&HostTensor::random(dtype, n, rng).bytes())
+        .unwrap()
+}
+
+/// Median milliseconds of `iters` timed calls after `warm` untimed ones.
+fn time_ms(g: &Gpu, warm: usize, iters: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..warm {
+        f();
+    }
+    g.stream.synchronize().unwrap();
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let a = g
+            .ctx
+            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .unwrap();
+        let b = g
+            .ctx
+            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .unwrap();
+        a.record(&g.stream).unwrap();
+        f();
+        b.record(&g.stream).unwrap();
+        b.synchronize().unwrap();
+        times.push(a.elapsed_ms(&b).unwrap() as f64);
+    }
+    times.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    times[times.len() / 2]
+}
+
+fn elem(d: DType) -> ElemType {
+    match d {
+        DType::F16 => ElemType::F16,
+        DType::BF16 => ElemType::BF16,
+        DType::F32 => ElemType::F32,
+    }
+}
+
+fn main() {
+    let Some(g) = gpu() else { return };
+    let mut rng = StdRng::seed_from_u64(1);
+    let s = g.stream.clone();
+    let stream = s.cu_stream() as *mut std::ffi::c_void;
+    let tokens = 16384usize;
+    let hidden = 2048usize;
+    let filter = std::env::var("FLASH_ORT_BENCH").unwrap_or_default();
+    for dtype in [DType::F16, DType::BF16] {
+        let n = tokens * hidden;
+        let (q, k, v) = (
+            random_device(&g, dtype, n, &mut rng),
+            random_device(&g, dtype, n, &mut rng),
+            random_device(&g, dtype, n, &mut rng),
+        );
+        let out = s.clone_htod(&vec![0u8; n * 2]).unwrap();
+        let ptr = |b: &CudaSlice<u8>| b.device_ptr(&s).0;
+        if filter.is_empty() || filter == "grid" {
+            for d in [64usize, 128] {
+                for causal in [false, true] {
+                    for seq in [1024usize, 4096, 16384] {
+                        // FLASH_ORT_BENCH_ONE=D,causal(0/1),S runs one grid row (for profiling).
+                        if let Ok(one) = std::env::var("FLASH_ORT_BENCH_ONE") {
+                            if one != format!("{d},{},{seq}", causal as u8) || dtype != DType::F16 {
+                                continue;
+                            }
+                        }
+                        let b = tokens / seq;
+                        let h = hidden / d;
+                        let desc = TensorDesc::new(
+                            elem(dtype),
+                            &[b as i64, h as i64, seq as i64, d as i64],
+                        );
+                        let inputs = InputDescs {
+                            q: Some(desc.clone()),
+                            k: Some(desc.clone()),
+                            v: Some(desc),
+                            ..Default::default()
+                        };
+                        let attrs = AttentionAttrs {
+                            is_causal: causal,
+                            ..Default::default()
+                        };
+                        let p = attention::validate(&attrs, &inputs).unwrap();
+                        let sb = cuda::scratch_bytes(&p, 0).unwrap();
+                        let scratch = s.clone_htod(&vec![0u8; sb.max(16)]).unwrap();
+                        let ptrs = DevicePtrs {
+                            q: ptr(&q),
+                            k: ptr(&k),
+                            v: ptr(&v),
+                            mask: 0,
+                            nonpad_kv_seqlen: 0,
+                            out: ptr(&out),
+                        };
+                        let mut call = || {
+                            cuda::launch(
+                                &p,
+                                p.k_strides,
+                                p.v_strides,
+                                &ptrs,
+                                ptr(&scratch),
+                                sb,
+                                stream,
+                                0,
+                            )
+                            .unwrap()
+                        };
+                        let ms = time_ms(&g, 3, 20, &mut call);
+                        let flops =
+                            4.0 * (b * h * seq * seq * d) as f64 / if causal { 2.0 } else { 1.0 };
+                        println!(
+                            "{{\"kind\":\"grid\",\"dtype\":\"{}\",\"d\":{d},\"causal\":{causal},\"n\":{seq},\"b\":{b},\"h\":{h},\"ms\":{ms:.4},\"ours\":{:.1}}}",
+                            if dtype == DType::F16 { "float16" } else { "bfloat16" },
+                            flops / (ms * 1e-3) / 1e12
+                        );
+                    }
+                }
+            }
+        }
+        drop((q, k, v, out));
+        if filter.is_empty() || filter == "decode" {
+            let (hq, hkv, d) = (32usize, 8usize, 128usize);
+            let kv_n = 8 * hkv * 65536 * d;
+            let kd = random_device(&g, dtype, kv_n, &mut rng);
+            let vd = random_device(&g, dtype, kv_n, &mut rng);
+            let qd = random_device(&g, dtype, 8 * hq * d, &mut rng);
+            let od = s.clone_htod(&vec![0u8; 8 * hq * d * 2]).unwrap();
+            for b in [1usize, 8] {
+                for skv in [8192usize, 65536] {
+                    let e = elem(dtype);
+                    let inputs = InputDescs {
+                        q: Some(TensorDesc::new(e, &[b as i64, hq as i64, 1, d as i64])),
+                        k: Some(TensorDesc::new(
+                            e,
+                            &[b as i64, hkv as i64, skv as i64, d as i64],
+                        )),
+                        v: Some(TensorDesc::new(
+                            e,
+                            &[b as i64, hkv as i64, skv as i64, d as i64],
+                        )),
+                        ..Default::default()
+                    };
+                    let p = attention::validate(&AttentionAttrs::default(), &inputs).unwrap();
+                    let (splits, sb) = cuda::plan(&p, 0).unwrap();
+                    let scratch = s.clone_htod(&vec![0u8; sb.max(16)]).unwrap();
+                    let ptrs = DevicePtrs {
+                        q: ptr(&qd),
+                        k: ptr(&kd),
+                        v: ptr(&vd),
+                        mask: 0,
+                        nonpad_kv_seqlen: 0,
+                        out: ptr(&od),
+                    };
+                    let mut call = || {
+                        cuda::launch(
+                            &p,
+                            p.k_strides,
+                            p.v_strides,
+                            &ptrs,
+                            ptr(&scratch),
+                            sb,
+                            stream,
+                            0,
+                        )
+                        .unwrap()
+                    };
+                    let ms = time_ms(&g, 5, 50, &mut call);
+                    let bytes = 2.0 * (b * hkv * skv * d * 2) as f64;
+                    println!(
+                        "{{\"kind\":\"decode\",\"dtype\":\"{}\",\"B\":{b},\"Skv\":{skv},\"splits\":{splits},\"ms\":{ms:.4},\"ours\":{:.0}}}",
+                        if dtype == DType::F16 { "float16" } else { "bfloat16" },
+                        bytes / (ms * 1e-3) / 1e9
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,524 @@
+// flash_fwd_kernel.cuh: the FlashAttention-2 forward kernel (mma.sync m16n8k16, ldmatrix,
+// cp.async double buffering, online softmax in registers, P kept in registers for P·V).
+//
+// One CTA computes kBlockM rows of one (batch, KV head): the rows are the flattened
+// (query i, head-in-group g) pairs m = i·group + g, so GQA query heads sharing a KV head read each
+// K/V tile once (this is what makes decode, Sq = 1, bandwidth-bound instead of L2-bound).
+// Warp w owns rows [16w, 16w + 16). KV blocks are visited from the last to the first, so the
+// blocks that need element masks (causal diagonal, sequence end) come first and the rest run the
+// unmasked path. With num_splits > 1 the KV range is split over blockIdx.y and each split writes
+// fp32 partials that flash_combine.cu merges.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+#include <type_traits>
+
+#include "flash_params.h"
+
+namespace flash_ort {
+
+// ---------------------------------------------------------------------------------------------
+// PTX wrappers
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy global -> shared; src_bytes = 0 writes zeros (out-of-range rows/cols).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+    int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// 2^x on the SFU (ex2.approx, flushes denormals): exp2f() without --use_fast_math expands to a
+// slower range-reduced sequence, and the softmax issues one per score.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+template <typename T>
+struct Mma;
+
+template <>
+struct Mma<__half> {
+    __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                               uint32_t b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+        __half2 h = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<uint32_t*>(&h);
+    }
+    __device__ __forceinline__ static void store2(void* dst, float lo, float hi) {
+        *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(lo, hi);
+    }
+};
+
+template <>
+struct Mma<__nv_bfloat16> {
+    __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                               uint32_t b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<uint32_t*>(&h);
+    }
+    __device__ __forceinline__ static void store2(void* dst, float lo, float hi) {
+        *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(lo, hi);
+    }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Tile configuration
+// ---------------------------------------------------------------------------------------------
+
+template <int kD_, int kBlockM_, int kBlockN_, int kWarps_, typename T_>
+struct FwdConfig {
+    static constexpr int kD = kD_;            // padded head size (multiple of 16)
+    static constexpr int kBlockM = kBlockM_;  // query rows per CTA
+    static constexpr int kBlockN = kBlockN_;  // keys per KV block
+    static constexpr int kWarps = kWarps_;
+    static constexpr int kThreads = kWarps * 32;
+    // m16 tiles per warp: with 2, each K/V fragment read from shared memory feeds two MMAs,
+    // halving shared-memory traffic per FLOP (what FlashAttention-2 does with 4 warps x 128 rows).
+    static constexpr int kMT = kBlockM / (16 * kWarps);
+    static_assert(kMT * 16 * kWarps == kBlockM, "block rows must split evenly over warps");
+    // Rows padded by 16 bytes: 8 consecutive rows' ldmatrix addresses land in distinct bank
+    // groups for every kD here, so ldmatrix and cp.async need no swizzle.
+    static constexpr int kStride = kD + 8;
+    // Q fragments stay in registers when they fit beside O (kMT*kD/2 floats) and S.
+    static constexpr bool kQInRegs = kMT == 1 && kD <= 128;
+    static constexpr int kSmemQ = kBlockM * kStride;
+    static constexpr int kSmemKV = kBlockN * kStride;
+    static constexpr size_t kSmemBytes = (size_t)(kSmemQ + 4 * kSmemKV) * sizeof(T_);
+    using T = T_;
+};
+
+// Loads a [rows, kD] tile into shared memory; row r comes from row_ptr(r) (nullptr = zero row),
+// columns >= dcols are zero.
+template <typename Cfg, int kRows, typename RowPtr>
+__device__ __forceinline__ void load_tile(typename Cfg::T* smem, RowPtr row_ptr, int dcols,
+                                          const void* dummy) {
+    constexpr int kChunksPerRow = Cfg::kD / 8;
+    constexpr int kChunks = kRows * kChunksPerRow;
+    constexpr int kIters = (kChunks + Cfg::kThreads - 1) / Cfg::kThreads;
+    // Fully unrolled address math for many iterations (one-warp tiles) costs registers the
+    // accumulators need; 4 at a time keeps enough copies in flight.
+#pragma unroll 4
+    for (int it = 0; it < kIters; ++it) {
+        const int c = threadIdx.x + it * Cfg::kThreads;
+        if (kChunks % Cfg::kThreads != 0 && c >= kChunks) break;
+        int r = c / kChunksPerRow;
+        int col = (c % kChunksPerRow) * 8;
+        const typename Cfg::T* src = row_ptr(r);
+        bool valid = src != nullptr && col < dcols;
+        cp_async16(smem_u32(smem + r * Cfg::kStride + col), valid ? (const void*)(src + col) : dummy,
+                   valid);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ float mask_value(const void* mask, int kind, int64_t idx) {
+    switch (kind) {
+        case kMaskBool:
+            return static_cast<const uint8_t*>(mask)[idx] ? 0.f : -INFINITY;
+        case kMaskF32:
+            return static_cast<const float*>(mask)[idx];
+        case kMaskF16:
+            return __half2float(static_cast<const __half*>(mask)[idx]);
+        case kMaskBF16:
+            return __bfloat162float(static_cast<const __nv_bfloat16*>(mask)[idx]);
+        default:
+            return 0.f;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernel
+// ---------------------------------------------------------------------------------------------
+
+template <typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __grid_constant__ FwdParams p) {
+    using T = typename Cfg::T;
+    constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN;
+    constexpr int kStride = Cfg::kStride;
+    constexpr int kMT = Cfg::kMT;
+    constexpr int kR = 2 * kMT;       // rows per thread: g and g + 8 of each m16 tile
+    constexpr int kNT = kBlockN / 8;  // n8 tiles of S per m16 tile
+    constexpr int kDT = kD / 8;       // n8 tiles of O per m16 tile
+    constexpr float kLog2e = 1.4426950408889634f;
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* sQ = reinterpret_cast<T*>(smem_raw);
+    T* sK = sQ + Cfg::kSmemQ;             // two stages
+    T* sV = sK + 2 * Cfg::kSmemKV;        // two stages
+
+    const int tid = threadIdx.x;
+    const int warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, t4 = lane % 4;
+
+    // Heavy (late) row blocks first: with causal masks they have the most KV blocks.
+    const int m_block = gridDim.x - 1 - blockIdx.x;
+    const int split = blockIdx.y;
+    const int bh = blockIdx.z;
+    const int b = bh / p.kv_heads, kvh = bh % p.kv_heads;
+    const int m0 = m_block * kBlockM;
+    const int m_end = min(m0 + kBlockM, p.m_rows);
+    const int warp_m0 = m0 + warp * 16 * kMT;  // first row of this warp
+
+    // Keys this batch really has (right padding through nonpad_kv_seqlen).
+    int kv_end = p.kv_len;
+    if (p.nonpad != nullptr) {
+        long long n = p.nonpad[b];
+        kv_end = (int)max(0LL, min((long long)p.kv_len, n));
+    }
+    const int offset = p.kv_len - p.q_len;  // bottom-right alignment
+    auto row_lo = [&](int i) {             // first visible key of query i
+        return p.window_left >= 0 ? max(0, i + offset - p.window_left) : 0;
+    };
+    auto row_hi = [&](int i) {  // one past the last visible key of query i
+        return p.window_right >= 0 ? min(kv_end, max(0, i + offset + p.window_right + 1)) : kv_end;
+    };
+    const int i_first = m0 / p.group, i_last = (m_end - 1) / p.group;
+    const int lo_first = row_lo(i_first), lo_last = row_lo(i_last);
+    const int hi_first = row_hi(i_first), hi_last = row_hi(i_last);
+    int n_begin = lo_first / kBlockN;
+    int n_end = hi_last > lo_first ? (hi_last + kBlockN - 1) / kBlockN : n_begin;
+    if (p.num_splits > 1) {
+        const int n_total = (p.kv_len + kBlockN - 1) / kBlockN;
+        const int per = (n_total + p.num_splits - 1) / p.num_splits;
+        n_begin = max(n_begin, split * per);
+        n_end = min(n_end, (split + 1) * per);
+    }
+
+    // This thread's rows: ri = 2 * mt + r is row g + 8r of the warp's m16 tile mt.
+    // Only the visible key range is kept per row; query and head indices are recomputed where
+    // a mask or the epilogue needs them (registers go to the accumulators).
+    auto row_m_of = [&](int ri) { return warp_m0 + (ri / 2) * 16 + g + (ri % 2) * 8; };
+    int row_lo_k[kR], row_hi_k[kR];
+#pragma unroll
+    for (int ri = 0; ri < kR; ++ri) {
+        const int i = min(row_m_of(ri), p.m_rows - 1) / p.group;
+        row_lo_k[ri] = row_lo(i);
+        row_hi_k[ri] = row_hi(i);
+    }
+    const bool warp_active = warp_m0 < p.m_rows;
+
+    const T* q = static_cast<const T*>(p.q);
+    const T* kbase = static_cast<const T*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1];
+    const T* vbase = static_cast<const T*>(p.v) + b * p.v_stride[0] + kvh * p.v_stride[1];
+
+    float o[kMT][kDT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int j = 0; j < kDT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[mt][j][e] = 0.f;
+    float row_m[kR], row_l[kR];
+#pragma unroll
+    for (int ri = 0; ri < kR; ++ri) {
+        row_m[ri] = -INFINITY;
+        row_l[ri] = 0.f;
+    }
+
+    const bool additive = p.mask_kind >= kMaskF32;
+    // Without an additive mask the scores stay small: work in log2 units with the scale folded
+    // into one multiply. With one (it may hold -FLT_MAX) stay in natural units so x - m is
+    // computed before the log2e multiply and cannot overflow.
+    const float pre = additive || p.softcap > 0.f ? p.scale : p.scale * kLog2e;
+    const float post = additive ? kLog2e : 1.f;
+    const float cap_out = additive ? p.softcap : p.softcap * kLog2e;
+
+    if (n_begin < n_end) {
+        // Q tile (cp.async group 0).
+        load_tile<Cfg, kBlockM>(
+            sQ,
+            [&](int r) -> const T* {
+                int m = m0 + r;
+                if (m >= p.m_rows) return nullptr;
+                int i = m / p.group, h = kvh * p.group + m % p.group;
+                return q + b * p.q_stride[0] + h * p.q_stride[1] + (int64_t)i * p.q_stride[2];
+            },
+            p.d, p.q);
+        auto load_kv = [&](int n, int stage) {
+            int key0 = n * kBlockN;
+            load_tile<Cfg, kBlockN>(
+                sK + stage * Cfg::kSmemKV,
+                [&](int r) -> const T* {
+                    int key = key0 + r;
+                    return key < kv_end ? kbase + (int64_t)key * p.k_stride[2] : nullptr;
+                },
+                p.d, p.k);
+            load_tile<Cfg, kBlockN>(
+                sV + stage * Cfg::kSmemKV,
+                [&](int r) -> const T* {
+                    int key = key0 + r;
+                    return key < kv_end ? vbase + (int64_t)key * p.v_stride[2] : nullptr;
+                },
+                p.dv, p.v);
+        };
+        load_kv(n_end - 1, 0);
+        cp_async_commit();
+
+        uint32_t qf[Cfg::kQInRegs ? kD / 16 : 1][4];
+        const int count = n_end - n_begin;
+        for (int it = 0; it < count; ++it) {
+            const int n = n_end - 1 - it;
+            const int stage = it & 1;
+            if (it + 1 < count) {
+                load_kv(n - 1, stage ^ 1);
+                cp_async_commit();
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            __syncthreads();
+
+            if (warp_active) {
+                const T* sQw = sQ + warp * 16 * kMT * kStride;
+                if constexpr (Cfg::kQInRegs) {
+                    if (it == 0) {
+#pragma unroll
+                        for (int kk = 0; kk < kD / 16; ++kk)
+                            ldmatrix_x4(qf[kk], smem_u32(sQw + (lane % 16) * kStride + kk * 16 +
+                                                         (lane / 16) * 8));
+                    }
+                }
+                const T* sKs = sK + stage * Cfg::kSmemKV;
+                const T* sVs = sV + stage * Cfg::kSmemKV;
+
+                // S = Q Kᵀ for this warp's rows and kBlockN keys; each K fragment feeds kMT MMAs.
+                float s[kMT][kNT][4];
+#pragma unroll
+                for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+                    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
+#pragma unroll
+                for (int kk = 0; kk < kD / 16; ++kk) {
+                    uint32_t a[kMT][4];
+#pragma unroll
+                    for (int mt = 0; mt < kMT; ++mt) {
+                        if constexpr (Cfg::kQInRegs) {
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) a[mt][e] = qf[Cfg::kQInRegs ? kk : 0][e];
+                        } else {
+                            ldmatrix_x4(a[mt], smem_u32(sQw + (mt * 16 + lane % 16) * kStride +
+                                                        kk * 16 + (lane / 16) * 8));
+                        }
+                    }
+#pragma unroll
+                    for (int nn = 0; nn < kBlockN / 16; ++nn) {
+                        uint32_t bk[4];
+                        int key = nn * 16 + (lane % 8) + (lane / 16) * 8;
+                        int col = kk * 16 + ((lane / 8) % 2) * 8;
+                        ldmatrix_x4(bk, smem_u32(sKs + key * kStride + col));
+#pragma unroll
+                        for (int mt = 0; mt < kMT; ++mt) {
+                            Mma<T>::run(s[mt][2 * nn], a[mt], bk[0], bk[1]);
+                            Mma<T>::run(s[mt][2 * nn + 1], a[mt], bk[2], bk[3]);
+                        }
+                    }
+                }
+
+                // Scores -> softmax numerators, in three copies: fast (block fully visible, no
+                // mask, no softcap: one multiply, one add, one ex2 per score), bounds (causal
+                // diagonal, windows, sequence end: plus a compare and select), and general
+                // (masks, softcap). Keeping the element checks out of the fast copy keeps the hot
+                // loop small (instruction-fetch stalls were 43% of all stalls when every score
+                // carried its mask branches; H200, ncu).
+                const int key0 = n * kBlockN;
+                const bool plain = p.mask_kind == kMaskNone && p.softcap == 0.f;
+                const bool fast = plain && key0 >= lo_last && key0 + kBlockN <= hi_first;
+                auto softmax = [&](auto mode_tag) {
+                    constexpr int kMode = decltype(mode_tag)::value;  // 0 fast, 1 bounds, 2 general
+                    constexpr bool kGeneral = kMode == 2;
+#pragma unroll
+                    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+                        for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) {
+                                float x = s[mt][j][e] * pre;
+                                if constexpr (kMode == 1) {
+                                    const int ri = 2 * mt + e / 2;
+                                    const int key = key0 + j * 8 + 2 * t4 + (e & 1);
+                                    x = (key < row_lo_k[ri] || key >= row_hi_k[ri]) ? -INFINITY : x;
+                                }
+                                if constexpr (kGeneral) {
+                                    if (p.softcap > 0.f) x = cap_out * tanhf(x / p.softcap);
+                                    const int ri = 2 * mt + e / 2;
+                                    const int key = key0 + j * 8 + 2 * t4 + (e & 1);
+                                    if (key < row_lo_k[ri] || key >= row_hi_k[ri]) {
+                                        x = -INFINITY;
+                                    } else if (p.mask_kind != kMaskNone) {
+                                        const int m = min(row_m_of(ri), p.m_rows - 1);
+                                        const int i = m / p.group;
+                                        const int h = kvh * p.group + (m - i * p.group);
+                                        int64_t idx = b * p.m_stride[0] + h * p.m_stride[1] +
+                                                      (int64_t)i * p.m_stride[2] +
+                                                      (int64_t)key * p.m_stride[3];
+                                        x += mask_value<T>(p.mask, p.mask_kind, idx);
+                                    }
+                                }
+                                s[mt][j][e] = x;
+                            }
+                        }
+                    }
+                    // Online softmax: running max/sum per row; the sum stays per-thread until
+                    // the end. The fast path has no additive mask, so post == 1 there.
+#pragma unroll
+                    for (int ri = 0; ri < kR; ++ri) {
+                        const int mt = ri / 2, r = ri % 2;
+                        float mx = -INFINITY;
+#pragma unroll
+                        for (int j = 0; j < kNT; ++j)
+                            mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
+                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+                        const float m_new = fmaxf(row_m[ri], mx);
+                        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+                        const float alpha = kGeneral ? fast_exp2((row_m[ri] - m_use) * post)
+                                                     : fast_exp2(row_m[ri] - m_use);
+                        row_m[ri] = m_new;
+                        float sum = 0.f;
+#pragma unroll
+                        for (int j = 0; j < kNT; ++j) {
+                            float p0, p1;
+                            if constexpr (kGeneral) {
+                                p0 = fast_exp2((s[mt][j][2 * r] - m_use) * post);
+                                p1 = fast_exp2((s[mt][j][2 * r + 1] - m_use) * post);
+                            } else {
+                                p0 = fast_exp2(s[mt][j][2 * r] - m_use);
+                                p1 = fast_exp2(s[mt][j][2 * r + 1] - m_use);
+                            }
+                            s[mt][j][2 * r] = p0;
+                            s[mt][j][2 * r + 1] = p1;
+                            sum += p0 + p1;
+                        }
+                        row_l[ri] = row_l[ri] * alpha + sum;
+#pragma unroll
+                        for (int j = 0; j < kDT; ++j) {
+                            o[mt][j][2 * r] *= alpha;
+                            o[mt][j][2 * r + 1] *= alpha;
+                        }
+                    }
+                };
+                if (fast) {
+                    softmax(std::integral_constant<int, 0>{});
+                } else if (plain) {
+                    softmax(std::integral_constant<int, 1>{});
+                } else {
+                    softmax(std::integral_constant<int, 2>{});
+                }
+
+                // O += P V, P straight from the S accumulators (C layout of two n8 tiles = A
+                // layout of one k16 slice); each V fragment feeds kMT MMAs.
+#pragma unroll
+                for (int kk = 0; kk < kBlockN / 16; ++kk) {
+                    uint32_t a[kMT][4];
+#pragma unroll
+                    for (int mt = 0; mt < kMT; ++mt) {
+                        a[mt][0] = Mma<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                        a[mt][1] = Mma<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                        a[mt][2] = Mma<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                        a[mt][3] = Mma<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                    }
+#pragma unroll
+                    for (int dn = 0; dn < kD / 16; ++dn) {
+                        uint32_t bv[4];
+                        int key = kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+                        int col = dn * 16 + (lane / 16) * 8;
+                        ldmatrix_x4_trans(bv, smem_u32(sVs + key * kStride + col));
+#pragma unroll
+                        for (int mt = 0; mt < kMT; ++mt) {
+                            Mma<T>::run(o[mt][2 * dn], a[mt], bv[0], bv[1]);
+                            Mma<T>::run(o[mt][2 * dn + 1], a[mt], bv[2], bv[3]);
+                        }
+                    }
+                }
+            }
+            // The next iteration's loads overwrite the stage just read.
+            __syncthreads();
+        }
+    }
+
+    // Epilogue: finish the row sums across the quad, normalize, store.
+#pragma unroll
+    for (int ri = 0; ri < kR; ++ri) {
+        float l = row_l[ri];
+        l += __shfl_xor_sync(0xffffffff, l, 1);
+        l += __shfl_xor_sync(0xffffffff, l, 2);
+        row_l[ri] = l;
+    }
+    if (!warp_active) return;
+#pragma unroll
+    for (int ri = 0; ri < kR; ++ri) {
+        const int m = row_m_of(ri);
+        if (m >= p.m_rows) continue;
+        const int mt = ri / 2, r = ri % 2;
+        const float l = row_l[ri];
+        const float inv = l > 0.f ? 1.f / l : 0.f;  // no visible key: zeros, never NaN
+        const int i = m / p.group, h = kvh * p.group + m % p.group;
+        if (p.write_accum) {
+            const int64_t row =
+                (((int64_t)split * p.batch + b) * p.q_heads + h) * p.q_len + i;
+            float* dst = p.o_accum + row * p.dv;
+#pragma unroll
+            for (int j = 0; j < kDT; ++j) {
+                int col = j * 8 + 2 * t4;
+                if (col < p.dv) {
+                    *reinterpret_cast<float2*>(dst + col) =
+                        make_float2(o[mt][j][2 * r] * inv, o[mt][j][2 * r + 1] * inv);
+                }
+            }
+            if (t4 == 0) {
+                float m_nat = row_m[ri] * (additive ? 1.f : 0.6931471805599453f);
+                p.lse_accum[row] = l > 0.f ? m_nat + logf(l) : -INFINITY;
+            }
+        } else {
+            T* dst = static_cast<T*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1] +
+                     (int64_t)i * p.o_stride[2];
+#pragma unroll
+            for (int j = 0; j < kDT; ++j) {
+                int col = j * 8 + 2 * t4;
+                if (col < p.dv)
+                    Mma<T>::store2(dst + col, o[mt][j][2 * r] * inv, o[mt][j][2 * r + 1] * inv);
+            }
+        }
+    }
+}
+
+}  // namespace flash_ort
