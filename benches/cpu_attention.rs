@@ -206,6 +206,18 @@ fn main() {
     }
     // `cargo bench` passes `--bench`; nothing else is expected.
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    if std::env::var_os("FLASH_ORT_LIB").is_none() {
+        // `cargo bench` builds the rlib it links, not the cdylib ORT loads: bring
+        // target/release/libflash_ort.so up to date so the "op in ORT" rows run this code.
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let built = Command::new(cargo)
+            .args(["build", "--release", "--lib", "--quiet"])
+            .current_dir(&root)
+            .status();
+        if !matches!(built, Ok(s) if s.success()) {
+            eprintln!("warning: `cargo build --release --lib` failed; the op-in-ORT rows may use a stale library");
+        }
+    }
     let sizes: Vec<usize> = std::env::var("FLASH_BENCH_SIZES")
         .unwrap_or_else(|_| "256,1024,4096,16384".into())
         .split(',')
