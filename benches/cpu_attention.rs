@@ -4,10 +4,11 @@
 //!
 //! Every (implementation, S) runs in its own process — this binary re-invoked with `--child`,
 //! or `benches/peers_cpu.py` for the ORT rows — so each peak RSS is that case's alone. Writes
-//! the table to `bench/results/cpu.md`.
+//! the table to `bench/results/cpu.md` (`bench/out/cpu.md` when `FLASH_BENCH_SIZES` narrows the
+//! run).
 //!
-//! Environment: `FLASH_BENCH_SIZES` (e.g. `256,1024`), `FLASH_BENCH_THREADS` (default: all
-//! cores), `FLASH_ORT_PYTHON` (default `.venv/bin/python`), `FLASH_ORT_LIB` (default
+//! Environment: `FLASH_BENCH_SIZES` (e.g. `256,1024`), `FLASH_BENCH_ROUNDS` (default 5),
+//! `FLASH_BENCH_THREADS` (default: all cores), `FLASH_ORT_PYTHON` (default `.venv/bin/python`), `FLASH_ORT_LIB` (default
 //! `target/release/libflash_ort.so`).
 
 use flash_ort::attention::{
@@ -290,10 +291,14 @@ fn main() {
     }
     let md = table(&rows, threads, rounds, &ort_version);
     println!("{md}");
-    let path = root.join("bench/results/cpu.md");
-    if let Err(e) =
-        std::fs::create_dir_all(root.join("bench/results")).and_then(|_| std::fs::write(&path, &md))
-    {
+    // A partial run (custom sizes) goes to the git-ignored bench/out/, not over the record.
+    let dir = if std::env::var_os("FLASH_BENCH_SIZES").is_some() {
+        root.join("bench/out")
+    } else {
+        root.join("bench/results")
+    };
+    let path = dir.join("cpu.md");
+    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, &md)) {
         eprintln!("could not write {}: {e}", path.display());
     } else {
         eprintln!("wrote {}", path.display());
