@@ -8,8 +8,8 @@
 //! run).
 //!
 //! Environment: `FLASH_BENCH_SIZES` (e.g. `256,1024`), `FLASH_BENCH_ROUNDS` (default 5),
-//! `FLASH_BENCH_THREADS` (default: all cores), `FLASH_ORT_PYTHON` (default `.venv/bin/python`), `FLASH_ORT_LIB` (default
-//! `target/release/libflash_ort.so`).
+//! `FLASH_BENCH_THREADS` (default: all cores), `FLASH_ORT_PYTHON` (default `.venv/bin/python`),
+//! `FLASH_ORT_LIB` (default `target/release/libflash_ort.so`, rebuilt first).
 
 use flash_ort::attention::{
     cpu, validate, AttentionAttrs, CpuInputs, ElemType, Elems, ElemsMut, InputDescs, TensorDesc,
