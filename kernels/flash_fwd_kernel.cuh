@@ -102,8 +102,10 @@ struct Mma<__nv_bfloat16> {
 // Tile configuration
 // ---------------------------------------------------------------------------------------------
 
-template <int kD_, int kBlockM_, int kBlockN_, int kWarps_, typename T_>
+template <int kD_, int kBlockM_, int kBlockN_, int kWarps_, int kStages_, typename T_>
 struct FwdConfig {
+    // K/V pipeline depth: blocks in flight = kStages - 1 while one is computed.
+    static constexpr int kStages = kStages_;
     static constexpr int kD = kD_;            // padded head size (multiple of 16)
     static constexpr int kBlockM = kBlockM_;  // query rows per CTA
     static constexpr int kBlockN = kBlockN_;  // keys per KV block
@@ -120,7 +122,7 @@ struct FwdConfig {
     static constexpr bool kQInRegs = kMT == 1 && kD <= 128;
     static constexpr int kSmemQ = kBlockM * kStride;
     static constexpr int kSmemKV = kBlockN * kStride;
-    static constexpr size_t kSmemBytes = (size_t)(kSmemQ + 4 * kSmemKV) * sizeof(T_);
+    static constexpr size_t kSmemBytes = (size_t)(kSmemQ + 2 * kStages * kSmemKV) * sizeof(T_);
     using T = T_;
 };
 
@@ -180,8 +182,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* sQ = reinterpret_cast<T*>(smem_raw);
-    T* sK = sQ + Cfg::kSmemQ;             // two stages
-    T* sV = sK + 2 * Cfg::kSmemKV;        // two stages
+    constexpr int kStages = Cfg::kStages;
+    T* sK = sQ + Cfg::kSmemQ;                   // kStages stages
+    T* sV = sK + kStages * Cfg::kSmemKV;        // kStages stages
 
     const int tid = threadIdx.x;
     const int warp = tid / 32, lane = tid % 32;
@@ -288,22 +291,40 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                 },
                 p.dv, p.v);
         };
-        load_kv(n_end - 1, 0);
-        cp_async_commit();
+        // Prologue: the first kStages - 1 blocks (descending order). Every step commits one
+        // group, empty or not, so wait_group<kStages - 2> always means "block `it` landed".
+        const int count = n_end - n_begin;
+#pragma unroll
+        for (int st = 0; st < kStages - 1; ++st) {
+            if (st < count) load_kv(n_end - 1 - st, st);
+            cp_async_commit();
+        }
 
         uint32_t qf[Cfg::kQInRegs ? kD / 16 : 1][4];
-        const int count = n_end - n_begin;
         for (int it = 0; it < count; ++it) {
             const int n = n_end - 1 - it;
-            const int stage = it & 1;
-            if (it + 1 < count) {
-                load_kv(n - 1, stage ^ 1);
-                cp_async_commit();
-                cp_async_wait<1>();
+            const int stage = it % kStages;
+            if constexpr (kStages == 2) {
+                // Issue the next block, wait for this one; a second barrier at the end of the
+                // iteration protects the stage being read. (Measured form of the 4-warp tiles:
+                // the one-barrier form below made ptxas spill there.)
+                if (it + 1 < count) {
+                    load_kv(n - 1, stage ^ 1);
+                    cp_async_commit();
+                    cp_async_wait<1>();
+                } else {
+                    cp_async_wait<0>();
+                }
+                __syncthreads();
             } else {
-                cp_async_wait<0>();
+                cp_async_wait<kStages - 2>();
+                __syncthreads();
+                // Refill the stage computed in the previous iteration (the barrier above
+                // ordered every warp's reads of it before these writes).
+                if (it + kStages - 1 < count)
+                    load_kv(n - (kStages - 1), (it + kStages - 1) % kStages);
+                cp_async_commit();
             }
-            __syncthreads();
 
             if (warp_active) {
                 const T* sQw = sQ + warp * 16 * kMT * kStride;
@@ -470,8 +491,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                     }
                 }
             }
-            // The next iteration's loads overwrite the stage just read.
-            __syncthreads();
+            if constexpr (kStages == 2) __syncthreads();
         }
     }
 
