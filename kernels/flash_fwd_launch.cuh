@@ -43,7 +43,8 @@ void launch_fwd(const FwdParams& p, cudaStream_t stream) {
 template <int kD, int kDType>
 void run_fwd(const FwdParams& p, cudaStream_t stream) {
     using T = typename DTypeOf<kDType>::type;
-    static_assert(FwdConfig<kD, fwd_tile(kD, true).block_m, fwd_tile(kD, true).block_n, 1,
+    static_assert(FwdConfig<kD, fwd_tile(kD, true).block_m, fwd_tile(kD, true).block_n,
+                            fwd_tile(kD, true).warps,
                             fwd_tile(kD, true).stages, T>::kSmemBytes ==
                       (size_t)fwd_smem_bytes(kD, fwd_tile(kD, true)),
                   "host and device shared-memory sizes agree");
