@@ -352,3 +352,70 @@ fn kv_cache_step_keeps_present_outputs() {
         .iter()
         .any(|n| n.output.first().map(String::as_str) == Some("present_key")));
 }
+
+/// The names of the nodes that produce `t`, walking up to `depth` producers.
+fn producers_of(m: &ModelProto, t: &str, depth: usize) -> Vec<String> {
+    let g = m.graph.as_ref().unwrap();
+    let mut out = Vec::new();
+    let mut frontier = vec![t.to_string()];
+    for _ in 0..depth {
+        let mut next = Vec::new();
+        for n in g
+            .node
+            .iter()
+            .filter(|n| n.output.iter().any(|o| frontier.contains(o)))
+        {
+            out.push(n.op_type.clone().unwrap_or_default());
+            next.extend(n.input.iter().cloned());
+        }
+        frontier = next;
+    }
+    out
+}
+
+#[test]
+fn hf_bidirectional_mask_goes_in_as_the_padding_vector() {
+    for name in [
+        "fuse_hf_bidirectional_mask.onnx",
+        "fuse_hf_bidirectional_bool.onnx",
+    ] {
+        let n = check_variant(name);
+        assert_eq!(n.input.len(), 4, "{name}");
+        // Built from the [B, 1, 1, S] padding vector: no And with the all-true rows and no
+        // Expand to [B, 1, S, S] on its way in, and those nodes are gone from the graph.
+        let (m, _) = fused(name);
+        let ops = producers_of(&m, &n.input[3], 8);
+        assert!(
+            !ops.iter()
+                .any(|o| o == "Expand" || o == "And" || o == "GreaterOrEqual"),
+            "{name}: mask built by {ops:?}"
+        );
+        let left: Vec<_> = m
+            .graph
+            .as_ref()
+            .unwrap()
+            .node
+            .iter()
+            .filter_map(|n| n.op_type.as_deref())
+            .filter(|o| matches!(*o, "Expand" | "And" | "GreaterOrEqual"))
+            .collect();
+        assert!(left.is_empty(), "{name}: dead mask nodes left: {left:?}");
+    }
+}
+
+#[test]
+fn omitted_optional_inputs_before_a_present_one_are_filled() {
+    for (name, len) in [
+        ("fuse_onnx_attention_past_no_mask.onnx", 6),
+        ("fuse_onnx_attention_nonpad.onnx", 7),
+        ("fuse_onnx_attention_nonpad_3d.onnx", 7),
+    ] {
+        let n = check_variant(name);
+        assert_eq!(n.input.len(), len, "{name}");
+        assert!(
+            n.input.iter().all(|i| !i.is_empty()),
+            "{name}: a gap in {:?}",
+            n.input
+        );
+    }
+}

@@ -124,7 +124,7 @@ pub fn split_bool(v: &GraphView, cond: &str, sq: &Dim, skv: &Dim) -> Option<Spli
     conjuncts(v, cond, &mut parts, 8);
     let mut split = Split::default();
     for p in parts {
-        if is_all_true(v, &p) {
+        if is_always_true(v, &p) {
             continue;
         }
         if !split.causal && (is_causal_compare(v, &p, sq, skv) || is_lower_trilu(v, &p, sq, skv)) {
@@ -192,6 +192,71 @@ fn is_const_fill(v: &GraphView, t: &str, ok: impl Fn(f64) -> bool + Copy, depth:
 
 fn is_all_true(v: &GraphView, t: &str) -> bool {
     is_const_fill(v, t, |x| x != 0.0, 4)
+}
+
+/// A conjunct that is true everywhere: an all-true constant, or an index compared with a bound
+/// it always meets (`arange ≥ c` or `c ≤ arange` with a constant c ≤ 0, as Hugging Face's
+/// bidirectional masks write `q_idx ≥ 0`).
+pub fn is_always_true(v: &GraphView, t: &str) -> bool {
+    if is_all_true(v, t) {
+        return true;
+    }
+    let Some(n) = v.producer(t).map(|p| v.node(p)) else {
+        return false;
+    };
+    let (idx, bound) = if is_op(n, "GreaterOrEqual") {
+        (n.input.first(), n.input.get(1))
+    } else if is_op(n, "LessOrEqual") {
+        (n.input.get(1), n.input.first())
+    } else {
+        return false;
+    };
+    let (Some(idx), Some(bound)) = (idx, bound) else {
+        return false;
+    };
+    arange_axis(v, idx, 8).is_some() && is_const_fill(v, bound, |x| x <= 0.0, 4)
+}
+
+/// A boolean mask in its smallest broadcast form: its conjuncts with the always-true ones
+/// dropped and the broadcasting nodes (Expand, and the And with a larger all-true tensor) looked
+/// through. `Some(vec![])` when the mask is true everywhere; None when nothing can be dropped.
+/// The conjunction of the parts broadcasts to the same values as `cond`.
+pub fn shrink_bool(v: &GraphView, cond: &str) -> Option<Vec<String>> {
+    let mut parts = Vec::new();
+    conjuncts(v, cond, &mut parts, 8);
+    let all = parts.len();
+    parts.retain(|p| !is_always_true(v, p));
+    let via_and = v.producer_op(cond, "And").is_some();
+    if (parts.len() == 1 && parts[0] == cond) || (via_and && parts.len() == all) {
+        return None;
+    }
+    Some(parts)
+}
+
+/// A float mask `Where(cond, keep, fill)` with single-element `keep` and `fill`, rebuilt over the
+/// smallest form of `cond` (same keep and fill, so the same values and dtype, −inf or the
+/// dtype's min alike). `Some(None)` when it adds zero everywhere; None when it cannot shrink.
+pub fn shrink_float(
+    v: &GraphView,
+    m: &str,
+    add: &mut dyn FnMut(&str, Vec<String>) -> String,
+) -> Option<(Option<String>, Vec<String>)> {
+    let w = v.node(v.producer_op(m, "Where")?);
+    let (cond, keep, fill) = (w.input.first()?, w.input.get(1)?, w.input.get(2)?);
+    let single = |t: &str| v.infos.get(t).is_some_and(|i| i.is_single());
+    if !single(keep) || !single(fill) {
+        return None;
+    }
+    let parts = shrink_bool(v, cond)?;
+    let checked = parts.clone();
+    match rebuild_bool(parts, add) {
+        Some(c) => Some((
+            Some(add("Where", vec![c, keep.clone(), fill.clone()])),
+            checked,
+        )),
+        None if is_const_fill(v, keep, |x| x == 0.0, 6) => Some((None, checked)),
+        None => None,
+    }
 }
 
 /// `Range(0, n, 1)` moved by Unsqueezes (and int Casts): (rank, axis, n).

@@ -127,6 +127,58 @@ pub fn build(
             }
         }
     }
+    // The smallest broadcast form of each remaining mask: a Hugging Face mask is the padding
+    // vector [B, 1, 1, Skv] and'ed with all-true index comparisons and expanded to
+    // [B, 1, Sq, Skv]; passing the vector keeps memory linear in S.
+    let mut small = Vec::with_capacity(rest.len());
+    for t in rest {
+        let shrunk = match &t {
+            MaskTerm::Additive(m) if !prechecked.contains(m) => {
+                let mut add = |op: &str, inputs: Vec<String>| {
+                    push(names, &mut nodes, site, op, inputs, vec![])
+                };
+                causal::shrink_float(v, m, &mut add)
+                    .map(|(m, parts)| (m.map(MaskTerm::Additive), parts))
+            }
+            MaskTerm::Select {
+                cond,
+                keep_when_true,
+                fill,
+            } if !prechecked.contains(cond) => causal::shrink_bool(v, cond)
+                // All true and selecting masked positions: leave it (it masks everything).
+                .filter(|parts| *keep_when_true || !parts.is_empty())
+                .map(|parts| {
+                    let mut add = |op: &str, inputs: Vec<String>| {
+                        push(names, &mut nodes, site, op, inputs, vec![])
+                    };
+                    let term = causal::rebuild_bool(parts.clone(), &mut add).map(|cond| {
+                        MaskTerm::Select {
+                            cond,
+                            keep_when_true: *keep_when_true,
+                            fill: fill.clone(),
+                        }
+                    });
+                    (term, parts)
+                }),
+            _ => None,
+        };
+        match shrunk {
+            None => small.push(t),
+            Some((term, parts)) => {
+                for p in &parts {
+                    check_broadcast(v, p, score_dims, site)?;
+                }
+                if let Some(term) = term {
+                    prechecked.push(match &term {
+                        MaskTerm::Additive(m) => m.clone(),
+                        MaskTerm::Select { cond, .. } => cond.clone(),
+                    });
+                    small.push(term);
+                }
+            }
+        }
+    }
+    let rest = small;
     let additive: Vec<&String> = rest
         .iter()
         .filter_map(|t| {

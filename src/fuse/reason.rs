@@ -52,5 +52,6 @@ pub const CODES: &[(&str, &str)] = &[
     ("batch-mismatch", "Q, K and V batch dims are not proven equal"),
     ("qk-output-used", "the ONNX Attention node's qk_matmul_output is used"),
     ("causal-alignment-ambiguous", "is_causal with query and key lengths that may differ (ORT aligns top-left, FlashAttention bottom-right)"),
+    ("optional-input-gap", "an optional input is omitted before a present one (ORT 1.20–1.23 cannot load that) and no neutral value can be built"),
     ("node-claimed", "a node of this site already belongs to another fused site"),
 ];

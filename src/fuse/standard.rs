@@ -114,6 +114,21 @@ pub fn match_attention(v: &GraphView, i: usize, names: &mut Names) -> Result<Pla
             }
         }
     }
+    // Any mask left: its smallest broadcast form (see mask.rs).
+    if let Some(m) = input(3).filter(|m| inputs[3] == *m) {
+        let mut add = |op: &str, ins: Vec<String>| helper(names, &mut new_nodes, &label, op, ins);
+        let shrunk = if v.elem(&m) == Some(DataType::Bool as i32) {
+            causal::shrink_bool(v, &m).map(|parts| causal::rebuild_bool(parts, &mut add))
+        } else {
+            causal::shrink_float(v, &m, &mut add).map(|(t, _)| t)
+        };
+        if let Some(t) = shrunk {
+            inputs[3] = t.unwrap_or_default();
+            if inputs[3].is_empty() {
+                mask = "none".into();
+            }
+        }
+    }
     if input(6).is_some() {
         mask = format!("{mask} + nonpad_kv_seqlen");
     }
@@ -131,6 +146,7 @@ pub fn match_attention(v: &GraphView, i: usize, names: &mut Names) -> Result<Pla
             gqa = true;
         }
     }
+    fill_gaps(v, &mut inputs, &attrs, names, &mut new_nodes, &label)?;
     let outputs: Vec<String> = n.output.iter().take(3).cloned().collect();
     let name = names.fresh(&format!("{label}/FlashAttention"));
     new_nodes.push(plan::flash_node(name, inputs, outputs, attrs));
@@ -166,4 +182,142 @@ fn helper(
     let nm = names.fresh(&format!("{site}/mask_{tag}_node"));
     nodes.push(plan::node(op, nm, inputs, vec![out.clone()], vec![]));
     out
+}
+
+/// ONNX Runtime 1.20–1.23 crash loading a custom-op node that omits an optional input before one
+/// it passes, so every omitted input up to the last present one gets a neutral value: an all-true
+/// bool `[1]` mask, and an empty past (`[B, Hkv, 0, D]`, sliced from K/V) before
+/// `nonpad_kv_seqlen`.
+fn fill_gaps(
+    v: &GraphView,
+    inputs: &mut Vec<String>,
+    attrs: &[crate::graph::onnx::AttributeProto],
+    names: &mut Names,
+    nodes: &mut Vec<NodeProto>,
+    site: &str,
+) -> Result<(), Skip> {
+    while inputs.last().is_some_and(String::is_empty) {
+        inputs.pop();
+    }
+    if inputs.len() > 4 && inputs[3].is_empty() {
+        let mut t = tensor::int64_tensor("", &[1], &[]);
+        t.data_type = Some(DataType::Bool as i32);
+        t.int32_data = vec![1];
+        inputs[3] = constant(names, nodes, site, "all_true_mask", t);
+    }
+    if inputs.len() > 6 && inputs[4].is_empty() && inputs[5].is_empty() {
+        for k in [1, 2] {
+            inputs[3 + k] = empty_past(v, &inputs[k].clone(), attrs, names, nodes, site)?;
+        }
+    }
+    if let Some(g) = inputs.iter().position(String::is_empty) {
+        return Err(Skip::new(
+            "optional-input-gap",
+            site,
+            format!("input {g} is omitted before a present one and has no neutral value"),
+        ));
+    }
+    Ok(())
+}
+
+/// A Constant node holding `t`; returns its output.
+fn constant(
+    names: &mut Names,
+    nodes: &mut Vec<NodeProto>,
+    site: &str,
+    tag: &str,
+    mut t: crate::graph::onnx::TensorProto,
+) -> String {
+    let out = names.fresh(&format!("{site}/{tag}"));
+    t.name = Some(out.clone());
+    let value = crate::graph::onnx::AttributeProto {
+        name: Some("value".into()),
+        r#type: Some(crate::graph::onnx::attribute_proto::AttributeType::Tensor as i32),
+        t: Some(t),
+        ..Default::default()
+    };
+    let nm = names.fresh(&format!("{site}/{tag}_node"));
+    nodes.push(plan::node(
+        "Constant",
+        nm,
+        vec![],
+        vec![out.clone()],
+        vec![value],
+    ));
+    out
+}
+
+/// `[B, Hkv, 0, D]` from K or V (4D: a Slice of no positions; 3D [B, S, Hkv·D]: that Slice
+/// reshaped by the known head count and size, then transposed).
+fn empty_past(
+    v: &GraphView,
+    x: &str,
+    attrs: &[crate::graph::onnx::AttributeProto],
+    names: &mut Names,
+    nodes: &mut Vec<NodeProto>,
+    site: &str,
+) -> Result<String, Skip> {
+    let gap = |why: String| Skip::new("optional-input-gap", site, why);
+    let rank = v
+        .rank(x)
+        .ok_or_else(|| gap(format!("rank of '{x}' unknown")))?;
+    let axis = match rank {
+        4 => 2,
+        3 => 1,
+        r => return Err(gap(format!("'{x}' has rank {r}"))),
+    };
+    let mut ints = |tag: &str, vals: &[i64]| {
+        let t = tensor::int64_tensor("", &[vals.len() as i64], vals);
+        constant(names, nodes, site, tag, t)
+    };
+    let (zero, ax) = (ints("zero", &[0]), ints("seq_axis", &[axis]));
+    let sliced = names.fresh(&format!("{site}/empty_past"));
+    let nm = names.fresh(&format!("{site}/empty_past_node"));
+    nodes.push(plan::node(
+        "Slice",
+        nm,
+        vec![x.to_string(), zero.clone(), zero, ax],
+        vec![sliced.clone()],
+        vec![],
+    ));
+    if rank == 4 {
+        return Ok(sliced);
+    }
+    let hkv = attrs
+        .iter()
+        .find(|a| a.name.as_deref() == Some("kv_num_heads"))
+        .and_then(|a| a.i)
+        .filter(|h| *h > 0);
+    let last = v.dims(x).and_then(|d| d.last().cloned());
+    let (Some(h), Some(Dim::Val(hd))) = (hkv, last) else {
+        return Err(gap(format!("head count or size of 3D '{x}' unknown")));
+    };
+    if hd % h != 0 {
+        return Err(gap(format!(
+            "'{x}' width {hd} is not a multiple of {h} heads"
+        )));
+    }
+    let shape = {
+        let t = tensor::int64_tensor("", &[4], &[0, 0, h, hd / h]);
+        constant(names, nodes, site, "past_shape", t)
+    };
+    let split = names.fresh(&format!("{site}/empty_past_bshd"));
+    let nm = names.fresh(&format!("{site}/empty_past_reshape"));
+    nodes.push(plan::node(
+        "Reshape",
+        nm,
+        vec![sliced, shape],
+        vec![split.clone()],
+        vec![],
+    ));
+    let out = names.fresh(&format!("{site}/empty_past_bhsd"));
+    let nm = names.fresh(&format!("{site}/empty_past_transpose"));
+    nodes.push(plan::node(
+        "Transpose",
+        nm,
+        vec![split],
+        vec![out.clone()],
+        vec![plan::attr_ints("perm", &[0, 2, 1, 3])],
+    ));
+    Ok(out)
 }

@@ -1,6 +1,7 @@
 //! Generated inputs that respect what each graph input means: token ids inside the vocabulary
 //! (read from the embedding table the ids index), attention masks with right padding (row b has
-//! b fewer real tokens, never zero), position ids 0..S, token types 0, floats uniform in [-1, 1].
+//! b fewer real tokens, never zero), key lengths (`*seqlen`) S − b, position ids 0..S, token types
+//! 0, floats uniform in [-1, 1].
 
 use std::collections::HashMap;
 
@@ -180,6 +181,11 @@ pub fn generate(model: &ModelProto, dims: &Dims, seed: u64) -> Result<Vec<InputD
                     (0..l).map(move |j| if j < keep { 1.0 } else { 0.0 })
                 })
                 .take(n)
+                .collect()
+        } else if lname.contains("seqlen") && is_int {
+            // Key lengths (nonpad_kv_seqlen): row r keeps max(1, S − r) of the S keys.
+            (0..n)
+                .map(|r| (dims.seq - r as i64).max(1) as f64)
                 .collect()
         } else if lname.contains("position") && is_int {
             (0..n).map(|i| (i % last.max(1) as usize) as f64).collect()

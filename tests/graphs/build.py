@@ -326,6 +326,63 @@ def hf_causal_window(fname="fuse_hf_causal_window.onnx", shift=0):
     finish(g, g.op("MatMul", [p, v]), fname)
 
 
+def hf_bidirectional(fname="fuse_hf_bidirectional_mask.onnx", as_bool=False):
+    """Hugging Face encoder mask: And(And(true, q ≥ 0), padding [B,1,1,S]) broadcast to [B,1,S,S]
+    and Expanded, then Where(mask, 0, min) added to the scores (or, `as_bool`, a standard
+    Attention's bool mask). The fused node must read the padding vector, not the S×S mask."""
+    g = G()
+    x = encoder_start(g)
+    q, k, v = heads(g, x), heads(g, x), heads(g, x)
+    am = g.input("attention_mask", T.INT64, ["B", "S"])
+    b = g.op("Shape", [am], start=0, end=1)
+    n = g.op("Shape", [am], start=1, end=2)
+    idx = g.op("Range", [g.const(0, np.int64), g.op("Squeeze", [n, g.const([0], np.int64)]), g.const(1, np.int64)])
+    qi = g.op("Unsqueeze", [idx, g.const([0, 1, 3], np.int64)])  # [1, 1, S, 1]
+    rows = g.op("GreaterOrEqual", [qi, g.const(0, np.int64)])
+    pad = g.op("Cast", [g.op("Unsqueeze", [am, g.const([1, 2], np.int64)])], to=T.BOOL)
+    keep = g.op("And", [g.op("And", [g.const(True, np.bool_), rows]), pad])
+    keep = g.op("Expand", [keep, g.op("Concat", [b, g.const([1], np.int64), n, n], axis=0)])
+    if as_bool:
+        g.nodes.append(h.make_node("Attention", [q, k, v, keep], ["attn"], name="attn", scale=0.3))
+        finish(g, "attn", fname, opset=23)
+        return
+    s = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])
+    s = g.op("Mul", [s, g.const(1 / np.sqrt(D))])
+    bias = g.op("Where", [keep, g.const(0.0), g.const(np.finfo(np.float32).min)])
+    p = g.op("Softmax", [g.op("Add", [s, bias])], axis=-1)
+    finish(g, g.op("MatMul", [p, v]), fname)
+
+
+def onnx_attention_gap(name, nonpad=False, three_d=False):
+    """Standard Attention omitting an optional input before a present one: past without a mask
+    (opset 23), or nonpad_kv_seqlen without mask or past (opset 24). ORT 1.20–1.23 cannot load a
+    custom-op node with such a gap, so the rewrite must fill it."""
+    g = G()
+    if three_d:
+        qn = g.input("q", T.FLOAT, ["B", "S", H * D])
+        kn = g.input("k", T.FLOAT, ["B", "S", 2 * D])
+        vn = g.input("v", T.FLOAT, ["B", "S", 2 * D])
+        heads_attrs = dict(q_num_heads=H, kv_num_heads=2)
+    else:
+        qn = g.input("q", T.FLOAT, ["B", H, "S", D])
+        kn = g.input("k", T.FLOAT, ["B", 2, "S", D])
+        vn = g.input("v", T.FLOAT, ["B", 2, "S", D])
+        heads_attrs = {}
+    if nonpad:
+        lens = g.input("nonpad_kv_seqlen", T.INT64, ["B"])
+        g.nodes.append(h.make_node("Attention", [qn, kn, vn, "", "", "", lens], ["y"], name="attn", scale=0.3, **heads_attrs))
+        g.output("y", T.FLOAT, ["B", "S", H * D] if three_d else ["B", H, "S", D])
+        g.save(name, opset=24)
+        return
+    pk = g.input("past_key", T.FLOAT, ["B", 2, "P", D])
+    pv = g.input("past_value", T.FLOAT, ["B", 2, "P", D])
+    g.nodes.append(h.make_node("Attention", [qn, kn, vn, "", pk, pv], ["y", "present_key", "present_value"], name="attn", scale=0.3))
+    g.output("y", T.FLOAT, ["B", H, "S", D])
+    g.output("present_key", T.FLOAT, ["B", 2, "T", D])
+    g.output("present_value", T.FLOAT, ["B", 2, "T", D])
+    g.save(name, opset=23)
+
+
 def kv_cache():
     """A decoder step with a KV cache: K/V = Concat(past, new) (also the present outputs), an
     additive mask over all P + S keys. Fused with the mask; never is_causal (Sq ≠ Skv)."""
@@ -495,6 +552,11 @@ def main():
     hf_causal_window("fuse_shifted_triangle_not_causal.onnx", shift=1)
     trilu_causal()
     kv_cache()
+    hf_bidirectional()
+    hf_bidirectional("fuse_hf_bidirectional_bool.onnx", as_bool=True)
+    onnx_attention_gap("fuse_onnx_attention_past_no_mask.onnx")
+    onnx_attention_gap("fuse_onnx_attention_nonpad.onnx", nonpad=True)
+    onnx_attention_gap("fuse_onnx_attention_nonpad_3d.onnx", nonpad=True, three_d=True)
     # Negative graphs: file name = expected reason code.
     simple("skip_softmax-not-last-axis.onnx", axis=2)
     simple("skip_scale-not-constant.onnx", scale_input=True)

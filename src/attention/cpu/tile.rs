@@ -58,7 +58,7 @@ struct Rows {
     b: usize,
     kvh: usize,
     /// (query head, query position) per row.
-    hi: Vec<(usize, usize)>,
+    head_pos: Vec<(usize, usize)>,
     /// Visible keys of each row: `lo[r]..hi[r]` (causal/window/padding; empty when equal).
     lo: Vec<usize>,
     hi_key: Vec<usize>,
@@ -66,7 +66,9 @@ struct Rows {
 
 impl Rows {
     fn new(plan: &Plan, p: &AttentionProblem, inp: &CpuInputs, t: usize) -> Rows {
-        let rb = t % plan.row_blocks;
+        // Last row blocks first: under a causal mask they see the most keys, and starting the
+        // longest tasks early evens out the threads' finishing times.
+        let rb = plan.row_blocks - 1 - t % plan.row_blocks;
         let bk = t / plan.row_blocks;
         let (b, kvh) = (bk / p.kv_heads, bk % p.kv_heads);
         let g = plan.group;
@@ -80,14 +82,14 @@ impl Rows {
         let mut r = Rows {
             b,
             kvh,
-            hi: Vec::with_capacity(rows),
+            head_pos: Vec::with_capacity(rows),
             lo: Vec::with_capacity(rows),
             hi_key: Vec::with_capacity(rows),
         };
         for row in r0..r0 + rows {
             let (i, gi) = (row / g, row % g);
             let (lo, hi) = p.visible_keys(i);
-            r.hi.push((kvh * g + gi, i));
+            r.head_pos.push((kvh * g + gi, i));
             r.lo.push(lo);
             // Rows are ordered by query position, so lo and hi are non-decreasing.
             r.hi_key.push(hi.min(valid).max(lo));
@@ -96,17 +98,48 @@ impl Rows {
     }
 }
 
+/// An f32 buffer whose first element sits on a 64-byte boundary, so that rows of a multiple of
+/// 16 floats never split a cache line under 512-bit loads and stores.
+#[derive(Default)]
+struct Aligned {
+    buf: Vec<f32>,
+    off: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(len: usize, value: f32) -> Aligned {
+        let buf = vec![value; len + 16];
+        // Floats to skip to reach the next 64-byte boundary (f32 is 4-byte aligned).
+        let off = buf.as_ptr().align_offset(64).min(15);
+        Aligned { buf, off, len }
+    }
+}
+
+impl std::ops::Deref for Aligned {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.buf[self.off..self.off + self.len]
+    }
+}
+
+impl std::ops::DerefMut for Aligned {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.buf[self.off..self.off + self.len]
+    }
+}
+
 /// Scratch tiles of one task.
 struct Scratch {
     /// Qᵀ, scaled: `head_dim × ld`.
-    qt: Vec<f32>,
+    qt: Aligned,
     /// Sᵀ, then Pᵀ: `block_keys × ld`.
-    st: Vec<f32>,
+    st: Aligned,
     /// Output accumulator: `rows × v_head_dim`.
-    o: Vec<f32>,
+    o: Aligned,
     /// K and V blocks widened to f32 when they cannot be read in place.
-    kbuf: Vec<f32>,
-    vbuf: Vec<f32>,
+    kbuf: Aligned,
+    vbuf: Aligned,
     /// One mask row or one input row.
     row: Vec<f32>,
     /// Column maxima of the current score block.
@@ -122,15 +155,15 @@ fn run_impl(
     t: usize,
 ) -> Result<()> {
     let rows = Rows::new(plan, p, inp, t);
-    let n = rows.hi.len();
+    let n = rows.head_pos.len();
     let (d, dv, bc) = (p.head_dim, p.v_head_dim, plan.block_keys);
     let (b, kvh) = (rows.b, rows.kvh);
     let mut s = Scratch {
-        qt: Vec::new(),
-        st: Vec::new(),
-        o: vec![0.0; n * dv],
-        kbuf: Vec::new(),
-        vbuf: Vec::new(),
+        qt: Aligned::default(),
+        st: Aligned::default(),
+        o: Aligned::new(n * dv, 0.0),
+        kbuf: Aligned::default(),
+        vbuf: Aligned::default(),
         row: vec![0.0; d.max(dv).max(bc)],
         block_max: Vec::new(),
     };
@@ -140,11 +173,11 @@ fn run_impl(
     };
     // Row stride of Qᵀ and Sᵀ, rounded up to whole 16-lane vectors.
     let ld = n.next_multiple_of(LANES);
-    s.qt = vec![0.0; d * ld];
-    s.st = vec![0.0; bc * ld];
+    s.qt = Aligned::new(d * ld, 0.0);
+    s.st = Aligned::new(bc * ld, 0.0);
     s.block_max = vec![f32::NEG_INFINITY; ld];
     let qs = p.q_strides;
-    for (r, &(h, i)) in rows.hi.iter().enumerate() {
+    for (r, &(h, i)) in rows.head_pos.iter().enumerate() {
         let row = &mut s.row[..d];
         load_row(inp.q, b * qs[0] + h * qs[1] + i * qs[2], qs[3], row);
         for (dd, &x) in row.iter().enumerate() {
@@ -161,10 +194,10 @@ fn run_impl(
         _ => None,
     };
     if k_direct.is_none() {
-        s.kbuf = vec![0.0; bc * d];
+        s.kbuf = Aligned::new(bc * d, 0.0);
     }
     if v_direct.is_none() {
-        s.vbuf = vec![0.0; bc * dv];
+        s.vbuf = Aligned::new(bc * dv, 0.0);
     }
     let mut state = RowState::new(ld);
     let last = n - 1;
@@ -234,7 +267,7 @@ fn run_impl(
         }
         if let (Some(desc), Some(mask)) = (&p.mask, inp.mask) {
             let ms = desc.strides;
-            for (r, &(h, i)) in rows.hi.iter().enumerate() {
+            for (r, &(h, i)) in rows.head_pos.iter().enumerate() {
                 let terms = &mut s.row[..nk];
                 let off = b * ms[0] + h * ms[1] + i * ms[2] + j0 * ms[3];
                 load_mask_row(mask, off, ms[3], terms);
@@ -296,7 +329,7 @@ fn write_out(p: &AttentionProblem, rows: &Rows, o: &[f32], l: &[f32], out: &OutP
     let dv = p.v_head_dim;
     let os = p.out_strides;
     let mut tmp = vec![0.0f32; dv];
-    for (r, &(h, i)) in rows.hi.iter().enumerate() {
+    for (r, &(h, i)) in rows.head_pos.iter().enumerate() {
         let sum = l.get(r).copied().unwrap_or(0.0);
         let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
         for (t, &x) in tmp.iter_mut().zip(&o[r * dv..(r + 1) * dv]) {
