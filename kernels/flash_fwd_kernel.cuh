@@ -389,7 +389,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                 // carried its mask branches; H200, ncu).
                 const int key0 = n * kBlockN;
                 const bool plain = p.mask_kind == kMaskNone && p.softcap == 0.f;
-                const bool fast = plain && key0 >= lo_last && key0 + kBlockN <= hi_first;
+                const bool fast =
+                    plain && pre > 0.f && key0 >= lo_last && key0 + kBlockN <= hi_first;
                 auto softmax = [&](auto mode_tag) {
                     constexpr int kMode = decltype(mode_tag)::value;  // 0 fast, 1 bounds, 2 general
                     constexpr bool kGeneral = kMode == 2;
@@ -399,7 +400,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                         for (int j = 0; j < kNT; ++j) {
 #pragma unroll
                             for (int e = 0; e < 4; ++e) {
-                                float x = s[mt][j][e] * pre;
+                                // The fast path keeps raw scores: the scale is folded into
+                                // the exp2's FFMA below (pre > 0 there, so max commutes).
+                                float x = kMode == 0 ? s[mt][j][e] : s[mt][j][e] * pre;
                                 if constexpr (kMode == 1) {
                                     const int ri = 2 * mt + e / 2;
                                     const int key = key0 + wn0 + j * 8 + 2 * t4 + (e & 1);
@@ -427,6 +430,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                     }
                     // Online softmax: running max/sum per row; the sum stays per-thread until
                     // the end. The fast path has no additive mask, so post == 1 there.
+                    float alphas[kR];
+                    bool moved = false;
 #pragma unroll
                     for (int ri = 0; ri < kR; ++ri) {
                         const int mt = ri / 2, r = ri % 2;
@@ -436,7 +441,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                             mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
                         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
                         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+                        if constexpr (kMode == 0) mx *= pre;
                         const float m_new = fmaxf(row_m[ri], mx);
+                        moved |= m_new != row_m[ri];
                         const float m_use = m_new == -INFINITY ? 0.f : m_new;
                         const float alpha = kGeneral ? fast_exp2((row_m[ri] - m_use) * post)
                                                      : fast_exp2(row_m[ri] - m_use);
@@ -448,6 +455,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                             if constexpr (kGeneral) {
                                 p0 = fast_exp2((s[mt][j][2 * r] - m_use) * post);
                                 p1 = fast_exp2((s[mt][j][2 * r + 1] - m_use) * post);
+                            } else if constexpr (kMode == 0) {
+                                p0 = fast_exp2(fmaf(s[mt][j][2 * r], pre, -m_use));
+                                p1 = fast_exp2(fmaf(s[mt][j][2 * r + 1], pre, -m_use));
                             } else {
                                 p0 = fast_exp2(s[mt][j][2 * r] - m_use);
                                 p1 = fast_exp2(s[mt][j][2 * r + 1] - m_use);
@@ -457,10 +467,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                             sum += p0 + p1;
                         }
                         row_l[ri] = row_l[ri] * alpha + sum;
+                        alphas[ri] = alpha;
+                    }
+                    // Rescale O only when some row's max moved (warp-uniform vote): once the
+                    // running max settles, most KV blocks skip kMT * kD / 2 multiplies a thread.
+                    if (__any_sync(0xffffffff, moved)) {
 #pragma unroll
-                        for (int j = 0; j < kDT; ++j) {
-                            o[mt][j][2 * r] *= alpha;
-                            o[mt][j][2 * r + 1] *= alpha;
+                        for (int ri = 0; ri < kR; ++ri) {
+                            const int mt = ri / 2, r = ri % 2;
+#pragma unroll
+                            for (int j = 0; j < kDT; ++j) {
+                                o[mt][j][2 * r] *= alphas[ri];
+                                o[mt][j][2 * r + 1] *= alphas[ri];
+                            }
                         }
                     }
                 };
