@@ -177,11 +177,12 @@ fn run_impl(
     s.st = Aligned::new(bc * ld, 0.0);
     s.block_max = vec![f32::NEG_INFINITY; ld];
     let qs = p.q_strides;
+    let qt: &mut [f32] = &mut s.qt;
     for (r, &(h, i)) in rows.head_pos.iter().enumerate() {
         let row = &mut s.row[..d];
         load_row(inp.q, b * qs[0] + h * qs[1] + i * qs[2], qs[3], row);
-        for (dd, &x) in row.iter().enumerate() {
-            s.qt[dd * ld + r] = x * p.scale;
+        for (col, &x) in qt.iter_mut().skip(r).step_by(ld).zip(row.iter()) {
+            *col = x * p.scale;
         }
     }
     let (ks, vs) = (inp.k_strides, inp.v_strides);
