@@ -102,8 +102,10 @@ struct Mma<__nv_bfloat16> {
 // Tile configuration
 // ---------------------------------------------------------------------------------------------
 
-template <int kD_, int kBlockM_, int kBlockN_, int kWarps_, typename T_>
+template <int kD_, int kBlockM_, int kBlockN_, int kWarps_, int kStages_, typename T_>
 struct FwdConfig {
+    // K/V pipeline depth: blocks in flight = kStages - 1 while one is computed.
+    static constexpr int kStages = kStages_;
     static constexpr int kD = kD_;            // padded head size (multiple of 16)
     static constexpr int kBlockM = kBlockM_;  // query rows per CTA
     static constexpr int kBlockN = kBlockN_;  // keys per KV block
@@ -111,8 +113,13 @@ struct FwdConfig {
     static constexpr int kThreads = kWarps * 32;
     // m16 tiles per warp: with 2, each K/V fragment read from shared memory feeds two MMAs,
     // halving shared-memory traffic per FLOP (what FlashAttention-2 does with 4 warps x 128 rows).
-    static constexpr int kMT = kBlockM / (16 * kWarps);
-    static_assert(kMT * 16 * kWarps == kBlockM, "block rows must split evenly over warps");
+    // Decode tiles (16 rows, several warps): the warps split each KV block's keys instead of
+    // the rows, and their partial softmax states are merged through shared memory at the end.
+    static constexpr bool kSplitN = kBlockM == 16 && kWarps > 1;
+    static constexpr int kWarpN = kSplitN ? kBlockN / kWarps : kBlockN;  // keys per warp
+    static_assert(kWarpN % 16 == 0, "each warp needs whole k16 slices of a KV block");
+    static constexpr int kMT = kSplitN ? 1 : kBlockM / (16 * kWarps);
+    static_assert(kSplitN || kMT * 16 * kWarps == kBlockM, "block rows must split evenly over warps");
     // Rows padded by 16 bytes: 8 consecutive rows' ldmatrix addresses land in distinct bank
     // groups for every kD here, so ldmatrix and cp.async need no swizzle.
     static constexpr int kStride = kD + 8;
@@ -120,7 +127,7 @@ struct FwdConfig {
     static constexpr bool kQInRegs = kMT == 1 && kD <= 128;
     static constexpr int kSmemQ = kBlockM * kStride;
     static constexpr int kSmemKV = kBlockN * kStride;
-    static constexpr size_t kSmemBytes = (size_t)(kSmemQ + 4 * kSmemKV) * sizeof(T_);
+    static constexpr size_t kSmemBytes = (size_t)(kSmemQ + 2 * kStages * kSmemKV) * sizeof(T_);
     using T = T_;
 };
 
@@ -174,14 +181,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
     constexpr int kStride = Cfg::kStride;
     constexpr int kMT = Cfg::kMT;
     constexpr int kR = 2 * kMT;       // rows per thread: g and g + 8 of each m16 tile
-    constexpr int kNT = kBlockN / 8;  // n8 tiles of S per m16 tile
+    constexpr int kWarpN = Cfg::kWarpN;
+    constexpr int kNT = kWarpN / 8;   // n8 tiles of S per m16 tile
     constexpr int kDT = kD / 8;       // n8 tiles of O per m16 tile
     constexpr float kLog2e = 1.4426950408889634f;
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* sQ = reinterpret_cast<T*>(smem_raw);
-    T* sK = sQ + Cfg::kSmemQ;             // two stages
-    T* sV = sK + 2 * Cfg::kSmemKV;        // two stages
+    constexpr int kStages = Cfg::kStages;
+    T* sK = sQ + Cfg::kSmemQ;                   // kStages stages
+    T* sV = sK + kStages * Cfg::kSmemKV;        // kStages stages
 
     const int tid = threadIdx.x;
     const int warp = tid / 32, lane = tid % 32;
@@ -194,7 +203,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
     const int b = bh / p.kv_heads, kvh = bh % p.kv_heads;
     const int m0 = m_block * kBlockM;
     const int m_end = min(m0 + kBlockM, p.m_rows);
-    const int warp_m0 = m0 + warp * 16 * kMT;  // first row of this warp
+    const int warp_m0 = Cfg::kSplitN ? m0 : m0 + warp * 16 * kMT;  // first row of this warp
+    const int wn0 = Cfg::kSplitN ? warp * kWarpN : 0;  // first key of this warp in a KV block
 
     // Keys this batch really has (right padding through nonpad_kv_seqlen).
     int kv_end = p.kv_len;
@@ -288,25 +298,43 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                 },
                 p.dv, p.v);
         };
-        load_kv(n_end - 1, 0);
-        cp_async_commit();
+        // Prologue: the first kStages - 1 blocks (descending order). Every step commits one
+        // group, empty or not, so wait_group<kStages - 2> always means "block `it` landed".
+        const int count = n_end - n_begin;
+#pragma unroll
+        for (int st = 0; st < kStages - 1; ++st) {
+            if (st < count) load_kv(n_end - 1 - st, st);
+            cp_async_commit();
+        }
 
         uint32_t qf[Cfg::kQInRegs ? kD / 16 : 1][4];
-        const int count = n_end - n_begin;
         for (int it = 0; it < count; ++it) {
             const int n = n_end - 1 - it;
-            const int stage = it & 1;
-            if (it + 1 < count) {
-                load_kv(n - 1, stage ^ 1);
-                cp_async_commit();
-                cp_async_wait<1>();
+            const int stage = it % kStages;
+            if constexpr (kStages == 2) {
+                // Issue the next block, wait for this one; a second barrier at the end of the
+                // iteration protects the stage being read. (Measured form of the 4-warp tiles:
+                // the one-barrier form below made ptxas spill there.)
+                if (it + 1 < count) {
+                    load_kv(n - 1, stage ^ 1);
+                    cp_async_commit();
+                    cp_async_wait<1>();
+                } else {
+                    cp_async_wait<0>();
+                }
+                __syncthreads();
             } else {
-                cp_async_wait<0>();
+                cp_async_wait<kStages - 2>();
+                __syncthreads();
+                // Refill the stage computed in the previous iteration (the barrier above
+                // ordered every warp's reads of it before these writes).
+                if (it + kStages - 1 < count)
+                    load_kv(n - (kStages - 1), (it + kStages - 1) % kStages);
+                cp_async_commit();
             }
-            __syncthreads();
 
             if (warp_active) {
-                const T* sQw = sQ + warp * 16 * kMT * kStride;
+                const T* sQw = sQ + (warp_m0 - m0) * kStride;
                 if constexpr (Cfg::kQInRegs) {
                     if (it == 0) {
 #pragma unroll
@@ -340,9 +368,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                         }
                     }
 #pragma unroll
-                    for (int nn = 0; nn < kBlockN / 16; ++nn) {
+                    for (int nn = 0; nn < kWarpN / 16; ++nn) {
                         uint32_t bk[4];
-                        int key = nn * 16 + (lane % 8) + (lane / 16) * 8;
+                        int key = wn0 + nn * 16 + (lane % 8) + (lane / 16) * 8;
                         int col = kk * 16 + ((lane / 8) % 2) * 8;
                         ldmatrix_x4(bk, smem_u32(sKs + key * kStride + col));
 #pragma unroll
@@ -361,7 +389,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                 // carried its mask branches; H200, ncu).
                 const int key0 = n * kBlockN;
                 const bool plain = p.mask_kind == kMaskNone && p.softcap == 0.f;
-                const bool fast = plain && key0 >= lo_last && key0 + kBlockN <= hi_first;
+                const bool fast =
+                    plain && pre > 0.f && key0 >= lo_last && key0 + kBlockN <= hi_first;
                 auto softmax = [&](auto mode_tag) {
                     constexpr int kMode = decltype(mode_tag)::value;  // 0 fast, 1 bounds, 2 general
                     constexpr bool kGeneral = kMode == 2;
@@ -371,16 +400,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                         for (int j = 0; j < kNT; ++j) {
 #pragma unroll
                             for (int e = 0; e < 4; ++e) {
-                                float x = s[mt][j][e] * pre;
+                                // The fast path keeps raw scores: the scale is folded into
+                                // the exp2's FFMA below (pre > 0 there, so max commutes).
+                                float x = kMode == 0 ? s[mt][j][e] : s[mt][j][e] * pre;
                                 if constexpr (kMode == 1) {
                                     const int ri = 2 * mt + e / 2;
-                                    const int key = key0 + j * 8 + 2 * t4 + (e & 1);
+                                    const int key = key0 + wn0 + j * 8 + 2 * t4 + (e & 1);
                                     x = (key < row_lo_k[ri] || key >= row_hi_k[ri]) ? -INFINITY : x;
                                 }
                                 if constexpr (kGeneral) {
                                     if (p.softcap > 0.f) x = cap_out * tanhf(x / p.softcap);
                                     const int ri = 2 * mt + e / 2;
-                                    const int key = key0 + j * 8 + 2 * t4 + (e & 1);
+                                    const int key = key0 + wn0 + j * 8 + 2 * t4 + (e & 1);
                                     if (key < row_lo_k[ri] || key >= row_hi_k[ri]) {
                                         x = -INFINITY;
                                     } else if (p.mask_kind != kMaskNone) {
@@ -399,6 +430,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                     }
                     // Online softmax: running max/sum per row; the sum stays per-thread until
                     // the end. The fast path has no additive mask, so post == 1 there.
+                    float alphas[kR];
+                    bool moved = false;
 #pragma unroll
                     for (int ri = 0; ri < kR; ++ri) {
                         const int mt = ri / 2, r = ri % 2;
@@ -408,7 +441,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                             mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
                         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
                         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+                        if constexpr (kMode == 0) mx *= pre;
                         const float m_new = fmaxf(row_m[ri], mx);
+                        moved |= m_new != row_m[ri];
                         const float m_use = m_new == -INFINITY ? 0.f : m_new;
                         const float alpha = kGeneral ? fast_exp2((row_m[ri] - m_use) * post)
                                                      : fast_exp2(row_m[ri] - m_use);
@@ -420,6 +455,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                             if constexpr (kGeneral) {
                                 p0 = fast_exp2((s[mt][j][2 * r] - m_use) * post);
                                 p1 = fast_exp2((s[mt][j][2 * r + 1] - m_use) * post);
+                            } else if constexpr (kMode == 0) {
+                                p0 = fast_exp2(fmaf(s[mt][j][2 * r], pre, -m_use));
+                                p1 = fast_exp2(fmaf(s[mt][j][2 * r + 1], pre, -m_use));
                             } else {
                                 p0 = fast_exp2(s[mt][j][2 * r] - m_use);
                                 p1 = fast_exp2(s[mt][j][2 * r + 1] - m_use);
@@ -429,10 +467,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                             sum += p0 + p1;
                         }
                         row_l[ri] = row_l[ri] * alpha + sum;
+                        alphas[ri] = alpha;
+                    }
+                    // Rescale O only when some row's max moved (warp-uniform vote): once the
+                    // running max settles, most KV blocks skip kMT * kD / 2 multiplies a thread.
+                    if (__any_sync(0xffffffff, moved)) {
 #pragma unroll
-                        for (int j = 0; j < kDT; ++j) {
-                            o[mt][j][2 * r] *= alpha;
-                            o[mt][j][2 * r + 1] *= alpha;
+                        for (int ri = 0; ri < kR; ++ri) {
+                            const int mt = ri / 2, r = ri % 2;
+#pragma unroll
+                            for (int j = 0; j < kDT; ++j) {
+                                o[mt][j][2 * r] *= alphas[ri];
+                                o[mt][j][2 * r + 1] *= alphas[ri];
+                            }
                         }
                     }
                 };
@@ -447,7 +494,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                 // O += P V, P straight from the S accumulators (C layout of two n8 tiles = A
                 // layout of one k16 slice); each V fragment feeds kMT MMAs.
 #pragma unroll
-                for (int kk = 0; kk < kBlockN / 16; ++kk) {
+                for (int kk = 0; kk < kWarpN / 16; ++kk) {
                     uint32_t a[kMT][4];
 #pragma unroll
                     for (int mt = 0; mt < kMT; ++mt) {
@@ -459,7 +506,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
 #pragma unroll
                     for (int dn = 0; dn < kD / 16; ++dn) {
                         uint32_t bv[4];
-                        int key = kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+                        int key = wn0 + kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
                         int col = dn * 16 + (lane / 16) * 8;
                         ldmatrix_x4_trans(bv, smem_u32(sVs + key * kStride + col));
 #pragma unroll
@@ -470,8 +517,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                     }
                 }
             }
-            // The next iteration's loads overwrite the stage just read.
-            __syncthreads();
+            if constexpr (kStages == 2) __syncthreads();
         }
     }
 
@@ -482,6 +528,60 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
         l += __shfl_xor_sync(0xffffffff, l, 1);
         l += __shfl_xor_sync(0xffffffff, l, 2);
         row_l[ri] = l;
+    }
+    if constexpr (Cfg::kSplitN) {
+        // Merge the warps' partial states (each saw a quarter of every KV block) into warp 0:
+        // m = max m_w, l = sum l_w 2^(m_w - m), O = sum O_w 2^(m_w - m), in the units of `post`.
+        static_assert(Cfg::kWarps * 16 * (kD + 2) * sizeof(float) <=
+                          2 * Cfg::kStages * Cfg::kSmemKV * sizeof(T),
+                      "merge buffer fits in the K/V stages");
+        __syncthreads();  // every warp is done with the K/V stages
+        float* red_o = reinterpret_cast<float*>(sK);          // [warps][16][kD]
+        float* red_ml = red_o + Cfg::kWarps * 16 * kD;          // [warps][16][2]
+        if (warp != 0) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int row = g + 8 * r;
+                float* dst = red_o + (warp * 16 + row) * kD;
+#pragma unroll
+                for (int j = 0; j < kDT; ++j) {
+                    dst[j * 8 + 2 * t4] = o[0][j][2 * r];
+                    dst[j * 8 + 2 * t4 + 1] = o[0][j][2 * r + 1];
+                }
+                if (t4 == 0) {
+                    red_ml[(warp * 16 + row) * 2] = row_m[r];
+                    red_ml[(warp * 16 + row) * 2 + 1] = row_l[r];
+                }
+            }
+        }
+        __syncthreads();
+        if (warp != 0) return;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int row = g + 8 * r;
+            float m_tot = row_m[r];
+            for (int w = 1; w < Cfg::kWarps; ++w) m_tot = fmaxf(m_tot, red_ml[(w * 16 + row) * 2]);
+            const float m_use = m_tot == -INFINITY ? 0.f : m_tot;
+            const float f0 = fast_exp2((row_m[r] - m_use) * post);
+            float l = row_l[r] * f0;
+#pragma unroll
+            for (int j = 0; j < kDT; ++j) {
+                o[0][j][2 * r] *= f0;
+                o[0][j][2 * r + 1] *= f0;
+            }
+            for (int w = 1; w < Cfg::kWarps; ++w) {
+                const float fw = fast_exp2((red_ml[(w * 16 + row) * 2] - m_use) * post);
+                l += red_ml[(w * 16 + row) * 2 + 1] * fw;
+                const float* src = red_o + (w * 16 + row) * kD;
+#pragma unroll
+                for (int j = 0; j < kDT; ++j) {
+                    o[0][j][2 * r] += src[j * 8 + 2 * t4] * fw;
+                    o[0][j][2 * r + 1] += src[j * 8 + 2 * t4 + 1] * fw;
+                }
+            }
+            row_m[r] = m_tot;
+            row_l[r] = l;
+        }
     }
     if (!warp_active) return;
 #pragma unroll

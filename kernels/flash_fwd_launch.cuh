@@ -43,18 +43,23 @@ void launch_fwd(const FwdParams& p, cudaStream_t stream) {
 template <int kD, int kDType>
 void run_fwd(const FwdParams& p, cudaStream_t stream) {
     using T = typename DTypeOf<kDType>::type;
+    static_assert(FwdConfig<kD, fwd_tile(kD, true).block_m, fwd_tile(kD, true).block_n,
+                            fwd_tile(kD, true).warps,
+                            fwd_tile(kD, true).stages, T>::kSmemBytes ==
+                      (size_t)fwd_smem_bytes(kD, fwd_tile(kD, true)),
+                  "host and device shared-memory sizes agree");
     constexpr TileShape small = fwd_tile(kD, true);
     constexpr TileShape big = fwd_tile(kD, false);
     if (p.m_rows <= kSmallRows) {
-        launch_fwd<FwdConfig<kD, small.block_m, small.block_n, small.warps, T>>(p, stream);
+        launch_fwd<FwdConfig<kD, small.block_m, small.block_n, small.warps, small.stages, T>>(p, stream);
     } else {
 #ifdef FLASH_ORT_TILE_EXPERIMENT
         // Dev-only A/B of tile shapes in one binary (FLASH_ORT_TILE=1|2).
         static const int alt = getenv("FLASH_ORT_TILE") ? atoi(getenv("FLASH_ORT_TILE")) : 0;
-        if (kD <= 128 && alt == 1) return launch_fwd<FwdConfig<kD, 128, 64, 8, T>>(p, stream);
-        if (kD <= 128 && alt == 2) return launch_fwd<FwdConfig<kD, 64, 64, 4, T>>(p, stream);
+        if (kD <= 128 && alt == 1) return launch_fwd<FwdConfig<kD, 128, 64, 8, 2, T>>(p, stream);
+        if (kD <= 128 && alt == 2) return launch_fwd<FwdConfig<kD, 64, 64, 4, 2, T>>(p, stream);
 #endif
-        launch_fwd<FwdConfig<kD, big.block_m, big.block_n, big.warps, T>>(p, stream);
+        launch_fwd<FwdConfig<kD, big.block_m, big.block_n, big.warps, big.stages, T>>(p, stream);
     }
 }
 

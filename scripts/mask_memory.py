@@ -3,7 +3,8 @@
 against the sequence length, to check that the fused graphs' memory grows linearly in S.
 
 The tiny exports have 16-entry position tables; for long sequences each model's absolute-position
-tables (`*position*` / `wpe` initializers with 16 rows, and `arange(16)` position-id buffers) are
+tables (`*position*` / `wpe` initializers with 16 rows, 18 with an offset of 2, and `arange(16)`
+position-id buffers) are
 enlarged to the longest S asked for (values tiled: the weights are random anyway). Each
 (model, S) point runs once in a fresh child process, which reports its peak RSS (VmHWM) and its
 RSS after the session was created; the difference is what the run itself needed.
@@ -51,7 +52,7 @@ def feeds(path: str, seq: int, batch: int) -> dict:
     for i in m.graph.input:
         if i.name in inits:
             continue
-        if i.name == "input_ids":
+        if i.name in ("input_ids", "decoder_input_ids"):
             out[i.name] = np.random.default_rng(0).integers(0, 32, (batch, seq), dtype=np.int64)
         elif i.name == "attention_mask":
             # Right padding on every other row.
@@ -92,8 +93,10 @@ def widen_positions(src: Path, dst: Path, rows: int) -> None:
     def widen(t):
         a = numpy_helper.to_array(t)
         name = t.name.lower()
-        if a.ndim == 2 and a.shape[0] == 16 and ("position" in name or "wpe" in name):
-            return numpy_helper.from_array(np.resize(a, (rows, a.shape[1])).astype(a.dtype), t.name)
+        # 16 rows, or 18 with BART's / RoBERTa's offset of 2.
+        if a.ndim == 2 and a.shape[0] in (16, 18) and ("position" in name or "wpe" in name):
+            grown = (rows + a.shape[0] - 16, a.shape[1])
+            return numpy_helper.from_array(np.resize(a, grown).astype(a.dtype), t.name)
         if a.ndim == 2 and a.shape == (1, 16) and a.dtype == np.int64 and (a[0] == np.arange(16)).all():
             return numpy_helper.from_array(np.arange(rows, dtype=np.int64)[None, :], t.name)
         return None

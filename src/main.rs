@@ -46,6 +46,10 @@ enum Command {
         /// Max abs error `--verify` accepts for float32 outputs (float16 gets 100×).
         #[arg(long, default_value_t = 1e-4)]
         tolerance: f64,
+        /// Execution provider `--verify` runs both models on: cpu, or cuda (TF32 off; needs the
+        /// onnxruntime-gpu libonnxruntime.so in ORT_DYLIB_PATH).
+        #[arg(long, default_value = "cpu", value_name = "cpu|cuda")]
+        provider: verify::runtime::Provider,
     },
     /// List every attention site of a model: fusable or not, and why.
     Inspect {
@@ -74,6 +78,10 @@ enum Command {
         /// Print the comparison as JSON.
         #[arg(long)]
         json: bool,
+        /// Execution provider both models run on: cpu, or cuda (TF32 off; needs the
+        /// onnxruntime-gpu libonnxruntime.so in ORT_DYLIB_PATH).
+        #[arg(long, default_value = "cpu", value_name = "cpu|cuda")]
+        provider: verify::runtime::Provider,
     },
     /// List the skip reason codes and what they mean.
     Codes,
@@ -113,10 +121,12 @@ fn run_verify(
     tolerance: f64,
     library: Option<PathBuf>,
     json: bool,
+    provider: verify::runtime::Provider,
 ) -> Result<bool> {
     let opts = verify::Options {
         tolerance,
         op_lib: library,
+        provider,
         ..Default::default()
     };
     let rep = verify::verify(a, b, &opts)
@@ -146,6 +156,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             verify,
             report,
             tolerance,
+            provider,
         } => {
             let mut loaded = graph::load_model(&input)?;
             let rep = fuse::fuse_model(&mut loaded.model, true);
@@ -162,7 +173,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .with_context(|| format!("writing {}", path.display()))?;
             }
             outln!("wrote {}", output.display());
-            if verify && !run_verify(&input, &output, tolerance, None, false)? {
+            if verify && !run_verify(&input, &output, tolerance, None, false, provider)? {
                 return Ok(ExitCode::from(1));
             }
         }
@@ -192,8 +203,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             tolerance,
             library,
             json,
+            provider,
         } => {
-            if !run_verify(&a, &b, tolerance, library, json)? {
+            if !run_verify(&a, &b, tolerance, library, json, provider)? {
                 return Ok(ExitCode::from(1));
             }
         }

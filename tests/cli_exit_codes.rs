@@ -194,3 +194,31 @@ fn version_still_works() {
     assert_eq!(o.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("flash-ort "));
 }
+
+#[test]
+fn verify_provider_cuda_needs_a_cuda_build_of_ort() {
+    let a = graph_path("fuse_bert_eager.onnx");
+    let o = bin()
+        .args(["verify", a.to_str().unwrap(), a.to_str().unwrap()])
+        .args(["--provider", "tpu"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("expected cpu or cuda"));
+    if !have_ort() {
+        return;
+    }
+    let o = bin()
+        .args(["verify", a.to_str().unwrap(), a.to_str().unwrap()])
+        .args(["--provider", "cuda"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    // The CPU wheel (CI) has no CUDA EP: a clear error, never a silent CPU run. A CUDA build of
+    // ORT on a GPU machine runs and compares.
+    match o.status.code() {
+        Some(2) => assert!(err.contains("no CUDA execution provider"), "{err}"),
+        Some(0) => {}
+        c => panic!("exit {c:?}: {err}"),
+    }
+}

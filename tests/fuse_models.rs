@@ -149,3 +149,42 @@ fn every_model_is_fully_fused_with_parity() {
         failures.join("\n")
     );
 }
+
+/// A sliding window over right-padded rows leaves some padded queries with no key to see: the
+/// operator returns zeros there, the exported graph an average of every value. `verify` must
+/// keep those positions out of its verdict, say how many it left out and how far apart they are,
+/// and still compare every real position.
+#[test]
+fn padded_queries_without_keys_are_reported_apart() {
+    if verify::runtime::find_ort_library().is_err() {
+        eprintln!("ONNX Runtime not found: skipped");
+        return;
+    }
+    let src = repo().join("models/mistral_swa_eager_dyn18.onnx");
+    if !src.exists() {
+        return;
+    }
+    let mut loaded = graph::load_model(&src).unwrap();
+    assert_eq!(fuse::fuse_model(&mut loaded.model, true).fused, 2);
+    let dir = std::env::temp_dir().join(format!("flash-ort-padded-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("mistral_fused.onnx");
+    graph::save_model(&loaded.model, &out, &loaded).unwrap();
+    // Row r keeps 12 − r tokens: row 7 keeps 5, so its queries 9..11 (window 4) see only padding.
+    let opts = verify::Options {
+        dims: verify::Dims {
+            batch: 8,
+            seq: 12,
+            past: 3,
+        },
+        ..Default::default()
+    };
+    let rep = verify::verify(&src, &out, &opts).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(rep.ok, "{}", rep.human());
+    let o = &rep.outputs[0];
+    let padded: usize = (0..8).map(|r: usize| r.min(11)).sum();
+    assert_eq!(o.padded_excluded, padded, "{}", rep.human());
+    assert!(o.padded_max_abs > o.tolerance, "{}", rep.human());
+    assert!(rep.human().contains("padded positions excluded"));
+}

@@ -15,6 +15,8 @@ pub struct DeviceProps {
     pub sm_count: i32,
     /// Largest dynamic shared memory one block may opt into, in bytes.
     pub max_smem_optin: i32,
+    /// Shared memory of one SM, in bytes.
+    pub smem_per_sm: i32,
     pub cc_major: i32,
     pub cc_minor: i32,
 }
@@ -66,6 +68,7 @@ pub fn device_props(device: i32) -> Result<DeviceProps> {
     let props = DeviceProps {
         sm_count: attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
         max_smem_optin: attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?,
+        smem_per_sm: attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)?,
         cc_major: attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
         cc_minor: attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
     };

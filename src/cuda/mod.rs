@@ -46,6 +46,8 @@ mod ffi {
         window_left: i64,
         window_right: i64,
         sm_count: i32,
+        /// Shared memory per SM in bytes (occupancy for the split-KV choice).
+        smem_per_sm: i32,
     }
 
     /// What a call needs before launch.
@@ -171,6 +173,7 @@ fn args_for(
         window_left: window(p.window_left),
         window_right: window(p.effective_window_right()),
         sm_count: props.sm_count,
+        smem_per_sm: props.smem_per_sm,
     })
 }
 

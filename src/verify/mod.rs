@@ -1,5 +1,11 @@
 //! Running an original and a rewritten model in ONNX Runtime on the same generated inputs and
 //! reporting the worst absolute and relative error of every output.
+//!
+//! Outputs laid out [B, S, …] like the generated `attention_mask` are judged on the real tokens
+//! only; the padded positions are counted and their worst error printed beside the verdict. A
+//! padded query under a causal mask or a sliding window may see no key at all: the operator then
+//! returns zeros where the exported graph averages every value (its mask adds the dtype's min
+//! everywhere), a difference no model output at a real token can see.
 
 pub mod compare;
 pub mod inputs;
@@ -25,6 +31,8 @@ pub struct Options {
     /// Allowed max abs error for float32/float64 outputs; float16/bfloat16 get 100× this.
     pub tolerance: f64,
     pub threads: usize,
+    /// The execution provider both models run on.
+    pub provider: runtime::Provider,
 }
 
 impl Default for Options {
@@ -35,6 +43,7 @@ impl Default for Options {
             seed: 0x5eed,
             tolerance: 1e-4,
             threads: 1,
+            provider: runtime::Provider::Cpu,
         }
     }
 }
@@ -58,6 +67,12 @@ impl VerifyReport {
                 o.max_rel,
                 o.tolerance
             );
+            if o.padded_excluded > 0 {
+                s += &format!(
+                    "         {} padded positions excluded (attention_mask = 0; max abs there {:.3e})\n",
+                    o.padded_excluded, o.padded_max_abs
+                );
+            }
         }
         s
     }
@@ -182,14 +197,25 @@ fn from_value(name: &str, v: &DynValue) -> Result<(Vec<i64>, Vec<f64>, bool)> {
 /// One output of a run: name, shape, values as f64, and whether it is float16/bfloat16.
 pub type RunOutput = (String, Vec<i64>, Vec<f64>, bool);
 
-/// Runs `model` on `inputs` and returns each output.
+/// Runs `model` on `inputs` (CPU EP) and returns each output.
 pub fn run_model(
     model: &Path,
     inputs: &[InputData],
     op_lib: Option<&Path>,
     threads: usize,
 ) -> Result<Vec<RunOutput>> {
-    let mut session = runtime::open_session(model, op_lib, threads)?;
+    run_model_on(model, inputs, op_lib, threads, runtime::Provider::Cpu)
+}
+
+/// Runs `model` on `inputs` on `provider` and returns each output.
+pub fn run_model_on(
+    model: &Path,
+    inputs: &[InputData],
+    op_lib: Option<&Path>,
+    threads: usize,
+    provider: runtime::Provider,
+) -> Result<Vec<RunOutput>> {
+    let mut session = runtime::open_session_on(model, op_lib, threads, provider)?;
     let mut feed: Vec<(String, DynValue)> = Vec::new();
     for d in inputs {
         feed.push((d.name.clone(), to_value(d)?));
@@ -219,17 +245,33 @@ pub fn verify(a: &Path, b: &Path, opts: &Options) -> Result<VerifyReport> {
     let loaded = crate::graph::load_model(a)?;
     let inputs = inputs::generate(&loaded.model, &opts.dims, opts.seed)?;
     let op_lib = opts.op_lib.clone().or_else(runtime::find_operator_library);
-    let ra = run_model(a, &inputs, op_lib.as_deref(), opts.threads)?;
-    let rb = run_model(b, &inputs, op_lib.as_deref(), opts.threads)?;
+    let ra = run_model_on(a, &inputs, op_lib.as_deref(), opts.threads, opts.provider)?;
+    let rb = run_model_on(b, &inputs, op_lib.as_deref(), opts.threads, opts.provider)?;
+    // Padded positions: attention_mask = 0 in the generated [B, S] mask.
+    let padding = inputs
+        .iter()
+        .find(|d| d.name.to_lowercase().contains("attention_mask") && d.shape.len() == 2)
+        .map(|d| {
+            (
+                d.shape.clone(),
+                d.values.iter().map(|&x| x == 0.0).collect::<Vec<bool>>(),
+            )
+        });
     let mut outputs = Vec::new();
     for (name, shape, va, low) in &ra {
+        let padded = padding
+            .as_ref()
+            .filter(|(ps, _)| shape.len() >= 3 && shape[..2] == ps[..])
+            .map(|(_, p)| p.as_slice());
         let tol = if *low {
             opts.tolerance * 100.0
         } else {
             opts.tolerance
         };
         let d = match rb.iter().find(|o| &o.0 == name) {
-            Some((_, sb, vb, _)) if sb == shape => compare::diff(name, shape, va, vb, tol),
+            Some((_, sb, vb, _)) if sb == shape => {
+                compare::diff_unpadded(name, shape, va, vb, tol, padded)
+            }
             Some(_) | None => compare::diff(name, shape, va, &[], tol),
         };
         outputs.push(d);

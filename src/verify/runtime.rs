@@ -93,12 +93,62 @@ pub fn environment() -> Result<&'static Environment> {
     env.as_ref().map_err(|e| Error::Other(e.clone()))
 }
 
+/// Where a verification runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Provider {
+    #[default]
+    Cpu,
+    /// ORT's CUDA EP (device 0), TF32 off so that an unfused fp32 graph is an exact reference.
+    Cuda,
+}
+
+impl std::str::FromStr for Provider {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "cpu" => Ok(Provider::Cpu),
+            "cuda" => Ok(Provider::Cuda),
+            other => Err(format!("unknown provider '{other}' (expected cpu or cuda)")),
+        }
+    }
+}
+
 /// Opens `model` on the CPU EP with graph optimizations off (the graphs are compared as written),
 /// registering `op_lib` when given.
 pub fn open_session(model: &Path, op_lib: Option<&Path>, threads: usize) -> Result<Session> {
+    open_session_on(model, op_lib, threads, Provider::Cpu)
+}
+
+/// Like [`open_session`], on the given execution provider. Asking for CUDA from an ONNX Runtime
+/// build without it (the CPU `onnxruntime` wheel) is an error, never a silent CPU run.
+pub fn open_session_on(
+    model: &Path,
+    op_lib: Option<&Path>,
+    threads: usize,
+    provider: Provider,
+) -> Result<Session> {
+    use ort::ep::ExecutionProvider;
     let env = environment()?;
     let ort_err = |e: ort::Error<_>| Error::Other(format!("{}: {e}", model.display()));
     let mut b = Session::builder(env).map_err(|e| Error::Other(e.to_string()))?;
+    if provider == Provider::Cuda {
+        let lib = find_ort_library()?;
+        let available = ort::ep::CUDA::is_available()
+            .map_err(|e| Error::Other(format!("cannot list ONNX Runtime's providers: {e}")))?;
+        if !available {
+            return Err(Error::NotImplemented(format!(
+                "the ONNX Runtime loaded from {} has no CUDA execution provider; set \
+                 ORT_DYLIB_PATH to the libonnxruntime.so of the onnxruntime-gpu package",
+                lib.display()
+            )));
+        }
+        b = b
+            .with_execution_providers([ort::ep::CUDA::default()
+                .with_tf32(false)
+                .build()
+                .error_on_failure()])
+            .map_err(|e| Error::Other(format!("cannot register the CUDA EP: {e}")))?;
+    }
     b = b
         .with_optimization_level(GraphOptimizationLevel::Disable)
         .map_err(ort_err)?;
