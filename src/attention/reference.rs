@@ -40,6 +40,11 @@ pub fn mask_term(
     }
 }
 
+/// Element offset of (batch, head, position, dim) through `strides`.
+fn at(strides: super::Strides4, b: usize, h: usize, s: usize, d: usize) -> usize {
+    b * strides[0] + h * strides[1] + s * strides[2] + d * strides[3]
+}
+
 /// Y in the problem's output layout (dense, `out_strides`), computed in fp64.
 /// Rows with no visible key are zero.
 pub fn attention_f64(p: &AttentionProblem, inp: &CpuInputs) -> Vec<f64> {
@@ -59,18 +64,8 @@ pub fn attention_f64(p: &AttentionProblem, inp: &CpuInputs) -> Vec<f64> {
                     };
                     let mut dot = 0.0f64;
                     for d in 0..p.head_dim {
-                        let qv = inp.q.get_f32(
-                            b * p.q_strides[0]
-                                + h * p.q_strides[1]
-                                + i * p.q_strides[2]
-                                + d * p.q_strides[3],
-                        );
-                        let kv = inp.k.get_f32(
-                            b * inp.k_strides[0]
-                                + kvh * inp.k_strides[1]
-                                + j * inp.k_strides[2]
-                                + d * inp.k_strides[3],
-                        );
+                        let qv = inp.q.get_f32(at(p.q_strides, b, h, i, d));
+                        let kv = inp.k.get_f32(at(inp.k_strides, b, kvh, j, d));
                         dot += qv as f64 * kv as f64;
                     }
                     let mut s = dot * p.scale as f64;
@@ -97,19 +92,11 @@ pub fn attention_f64(p: &AttentionProblem, inp: &CpuInputs) -> Vec<f64> {
                     let mut acc = 0.0;
                     for j in 0..p.kv_len {
                         if visible[j] {
-                            let vv = inp.v.get_f32(
-                                b * inp.v_strides[0]
-                                    + kvh * inp.v_strides[1]
-                                    + j * inp.v_strides[2]
-                                    + dv * inp.v_strides[3],
-                            );
+                            let vv = inp.v.get_f32(at(inp.v_strides, b, kvh, j, dv));
                             acc += scores[j] * vv as f64;
                         }
                     }
-                    out[b * p.out_strides[0]
-                        + h * p.out_strides[1]
-                        + i * p.out_strides[2]
-                        + dv * p.out_strides[3]] = acc / sum;
+                    out[at(p.out_strides, b, h, i, dv)] = acc / sum;
                 }
             }
         }
@@ -148,18 +135,8 @@ pub fn attention_in_dtype(p: &AttentionProblem, inp: &CpuInputs) -> Vec<f64> {
                     };
                     let mut dot = 0.0f32;
                     for d in 0..p.head_dim {
-                        let qv = inp.q.get_f32(
-                            b * p.q_strides[0]
-                                + h * p.q_strides[1]
-                                + i * p.q_strides[2]
-                                + d * p.q_strides[3],
-                        );
-                        let kv = inp.k.get_f32(
-                            b * inp.k_strides[0]
-                                + kvh * inp.k_strides[1]
-                                + j * inp.k_strides[2]
-                                + d * inp.k_strides[3],
-                        );
+                        let qv = inp.q.get_f32(at(p.q_strides, b, h, i, d));
+                        let kv = inp.k.get_f32(at(inp.k_strides, b, kvh, j, d));
                         dot += qv * kv;
                     }
                     let mut s = round(round(dot) * p.scale);
@@ -190,19 +167,11 @@ pub fn attention_in_dtype(p: &AttentionProblem, inp: &CpuInputs) -> Vec<f64> {
                     let mut acc = 0.0f32;
                     for j in 0..p.kv_len {
                         if visible[j] {
-                            let vv = inp.v.get_f32(
-                                b * inp.v_strides[0]
-                                    + kvh * inp.v_strides[1]
-                                    + j * inp.v_strides[2]
-                                    + dv * inp.v_strides[3],
-                            );
+                            let vv = inp.v.get_f32(at(inp.v_strides, b, kvh, j, dv));
                             acc += scores[j] * vv;
                         }
                     }
-                    out[b * p.out_strides[0]
-                        + h * p.out_strides[1]
-                        + i * p.out_strides[2]
-                        + dv * p.out_strides[3]] = round(acc) as f64;
+                    out[at(p.out_strides, b, h, i, dv)] = round(acc) as f64;
                 }
             }
         }
