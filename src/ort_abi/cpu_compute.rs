@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use half::{bf16, f16};
 
 use super::api::check;
-use super::tensors::{Input, KernelContext};
+use super::tensors::{CallInputs, Input, KernelContext};
 use crate::attention::{
     cpu, extent, kv_cache, AttentionProblem, CpuInputs, DType, Elems, ElemsMut, MaskData, MaskKind,
     ParallelFor, Strides4,
@@ -134,23 +134,26 @@ fn kv_source(
     }
 }
 
-pub fn run(ctx: &KernelContext, p: &AttentionProblem, inputs: &[Option<Input>]) -> Result<()> {
-    let get = |i: usize| inputs.get(i).and_then(|x| x.as_ref());
-    let missing = |n: &str| Error::InvalidArgument(format!("input {n} is required"));
-    let (q, k, v) = (
-        get(0).ok_or_else(|| missing("Q"))?,
-        get(1).ok_or_else(|| missing("K"))?,
-        get(2).ok_or_else(|| missing("V"))?,
-    );
+pub fn run(ctx: &KernelContext, p: &AttentionProblem, inputs: &CallInputs) -> Result<()> {
+    let (q, k, v) = (&inputs.q, &inputs.k, &inputs.v);
 
-    let k_src = kv_source(ctx, p, 1, "present_key", p.head_dim, get(4), k, p.k_strides)?;
+    let k_src = kv_source(
+        ctx,
+        p,
+        1,
+        "present_key",
+        p.head_dim,
+        inputs.past_key.as_ref(),
+        k,
+        p.k_strides,
+    )?;
     let v_src = kv_source(
         ctx,
         p,
         2,
         "present_value",
         p.v_head_dim,
-        get(5),
+        inputs.past_value.as_ref(),
         v,
         p.v_strides,
     )?;
@@ -161,7 +164,7 @@ pub fn run(ctx: &KernelContext, p: &AttentionProblem, inputs: &[Option<Input>]) 
         .output(0, &out_shape, "Y")?
         .ok_or_else(|| Error::Other("output Y is required".into()))?;
 
-    let mask = match (get(3), p.mask) {
+    let mask = match (inputs.attn_mask.as_ref(), p.mask) {
         (Some(m), Some(desc)) => {
             let n = m.elements();
             // SAFETY: the mask buffer holds `n` elements of the type its descriptor names.
@@ -182,7 +185,7 @@ pub fn run(ctx: &KernelContext, p: &AttentionProblem, inputs: &[Option<Input>]) 
         }
         _ => None,
     };
-    let nonpad = get(6).map(|n| {
+    let nonpad = inputs.nonpad_kv_seqlen.as_ref().map(|n| {
         let len = n.elements();
         // SAFETY: int64 tensor of `len` elements on the CPU provider.
         if len == 0 {

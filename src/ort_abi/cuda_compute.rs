@@ -8,7 +8,7 @@ use std::ptr;
 use ort_sys::{OrtAllocator, OrtMemoryInfo};
 
 use super::api::check;
-use super::tensors::{Input, KernelContext};
+use super::tensors::{CallInputs, Input, KernelContext};
 use crate::attention::{AttentionProblem, Strides4};
 use crate::cuda::{self, DevicePtrs};
 use crate::{Error, Result};
@@ -73,14 +73,8 @@ fn device_scratch(
     Ok(Some(s))
 }
 
-pub fn run(ctx: &KernelContext, p: &AttentionProblem, inputs: &[Option<Input>]) -> Result<()> {
-    let get = |i: usize| inputs.get(i).and_then(|x| x.as_ref());
-    let missing = |n: &str| Error::InvalidArgument(format!("input {n} is required"));
-    let (q, k, v) = (
-        get(0).ok_or_else(|| missing("Q"))?,
-        get(1).ok_or_else(|| missing("K"))?,
-        get(2).ok_or_else(|| missing("V"))?,
-    );
+pub fn run(ctx: &KernelContext, p: &AttentionProblem, inputs: &CallInputs) -> Result<()> {
+    let (q, k, v) = (&inputs.q, &inputs.k, &inputs.v);
     let api = ctx.api();
 
     let mut mem: *const OrtMemoryInfo = ptr::null();
@@ -137,8 +131,22 @@ pub fn run(ctx: &KernelContext, p: &AttentionProblem, inputs: &[Option<Input>]) 
         )?;
         Ok((target as u64, p.present_strides(dim)))
     };
-    let (k_ptr, k_strides) = kv(1, "present_key", p.head_dim, get(4), k, p.k_strides)?;
-    let (v_ptr, v_strides) = kv(2, "present_value", p.v_head_dim, get(5), v, p.v_strides)?;
+    let (k_ptr, k_strides) = kv(
+        1,
+        "present_key",
+        p.head_dim,
+        inputs.past_key.as_ref(),
+        k,
+        p.k_strides,
+    )?;
+    let (v_ptr, v_strides) = kv(
+        2,
+        "present_value",
+        p.v_head_dim,
+        inputs.past_value.as_ref(),
+        v,
+        p.v_strides,
+    )?;
 
     let out = ctx
         .output(0, &p.out_shape(), "Y")?
@@ -147,8 +155,11 @@ pub fn run(ctx: &KernelContext, p: &AttentionProblem, inputs: &[Option<Input>]) 
         q: q.data as u64,
         k: k_ptr,
         v: v_ptr,
-        mask: get(3).map_or(0, |m| m.data as u64),
-        nonpad_kv_seqlen: get(6).map_or(0, |n| n.data as u64),
+        mask: inputs.attn_mask.as_ref().map_or(0, |m| m.data as u64),
+        nonpad_kv_seqlen: inputs
+            .nonpad_kv_seqlen
+            .as_ref()
+            .map_or(0, |n| n.data as u64),
         out: out as u64,
     };
     let bytes = cuda::scratch_bytes(p, device)?;

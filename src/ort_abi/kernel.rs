@@ -7,8 +7,8 @@ use ort_sys::{OrtKernelContext, OrtKernelInfo};
 
 use super::api::{api, succeeded};
 use super::op::Provider;
-use super::tensors::{KernelContext, INPUT_NAMES};
-use crate::attention::{validate, AttentionAttrs, AttentionProblem, DType, InputDescs};
+use super::tensors::{CallInputs, KernelContext};
+use crate::attention::{validate, AttentionAttrs, AttentionProblem, DType};
 use crate::{Error, Result};
 
 pub struct FlashKernel {
@@ -55,19 +55,8 @@ impl FlashKernel {
 
     pub fn compute(&self, ctx: *mut OrtKernelContext) -> Result<()> {
         let ctx = KernelContext::new(ctx)?;
-        let mut inputs = Vec::with_capacity(7);
-        for (i, name) in INPUT_NAMES.iter().enumerate() {
-            inputs.push(ctx.input(i, name)?);
-        }
-        let descs = InputDescs {
-            q: inputs[0].as_ref().map(|x| x.desc.clone()),
-            k: inputs[1].as_ref().map(|x| x.desc.clone()),
-            v: inputs[2].as_ref().map(|x| x.desc.clone()),
-            attn_mask: inputs[3].as_ref().map(|x| x.desc.clone()),
-            past_key: inputs[4].as_ref().map(|x| x.desc.clone()),
-            past_value: inputs[5].as_ref().map(|x| x.desc.clone()),
-            nonpad_kv_seqlen: inputs[6].as_ref().map(|x| x.desc.clone()),
-        };
+        let inputs = CallInputs::read(&ctx)?;
+        let descs = inputs.descs();
         let problem: AttentionProblem = validate(&self.attrs, &descs)?;
         if problem.dtype != self.dtype {
             return Err(Error::InvalidArgument(format!(

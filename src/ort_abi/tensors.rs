@@ -9,7 +9,7 @@ use ort_sys::{
 };
 
 use super::api::{api, check};
-use crate::attention::{DType, ElemType, TensorDesc};
+use crate::attention::{DType, ElemType, InputDescs, TensorDesc};
 use crate::{Error, Result};
 
 pub fn elem_type(t: T) -> ElemType {
@@ -229,3 +229,47 @@ pub const INPUT_NAMES: [&str; 7] = [
     "past_value",
     "nonpad_kv_seqlen",
 ];
+
+/// The inputs of one `Compute` call, read once: Q, K and V are required, the rest optional.
+pub struct CallInputs {
+    pub q: Input,
+    pub k: Input,
+    pub v: Input,
+    pub attn_mask: Option<Input>,
+    pub past_key: Option<Input>,
+    pub past_value: Option<Input>,
+    pub nonpad_kv_seqlen: Option<Input>,
+}
+
+impl CallInputs {
+    pub fn read(ctx: &KernelContext) -> Result<Self> {
+        let [q, k, v, attn_mask, past_key, past_value, nonpad_kv_seqlen] =
+            std::array::from_fn(|i| ctx.input(i, INPUT_NAMES[i]));
+        let required = |x: Result<Option<Input>>, name: &str| {
+            x?.ok_or_else(|| Error::InvalidArgument(format!("input {name} is required")))
+        };
+        Ok(CallInputs {
+            q: required(q, "Q")?,
+            k: required(k, "K")?,
+            v: required(v, "V")?,
+            attn_mask: attn_mask?,
+            past_key: past_key?,
+            past_value: past_value?,
+            nonpad_kv_seqlen: nonpad_kv_seqlen?,
+        })
+    }
+
+    /// Types and shapes, for validation.
+    pub fn descs(&self) -> InputDescs {
+        let d = |x: &Option<Input>| x.as_ref().map(|x| x.desc.clone());
+        InputDescs {
+            q: Some(self.q.desc.clone()),
+            k: Some(self.k.desc.clone()),
+            v: Some(self.v.desc.clone()),
+            attn_mask: d(&self.attn_mask),
+            past_key: d(&self.past_key),
+            past_value: d(&self.past_value),
+            nonpad_kv_seqlen: d(&self.nonpad_kv_seqlen),
+        }
+    }
+}
