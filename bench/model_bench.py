@@ -1,11 +1,17 @@
 #!/usr/bin/env python3
 """Whole models in ONNX Runtime, side by side in one run: the unfused export, the same export after
-ORT's transformer optimizer (where it fuses attention) and after `flash-ort fuse`. Latency and peak
-device memory against sequence length, and the longest sequence each form can run.
+ORT's transformer optimizer (where it fuses attention), after `flash-ort fuse`, and after ORT's
+optimizer with its attention fusion off followed by `flash-ort fuse` (ORT fuses LayerNorm, GELU,
+bias and residual adds; flash-ort the attention). Latency and peak device memory against sequence
+length, and the longest sequence each form can run.
 
     model_bench.py prepare --manifest DIR/manifest_large.json --flash-ort BIN [--ort-opt]
-        writes DIR/NAME.flash.onnx (and NAME.ortopt.onnx where ORT's optimizer fuses attention)
-        and DIR/forms.json, the list of (model, form, file) the other commands measure
+        [--ort-opt-flash] [--parity]
+        writes DIR/NAME.flash.onnx (and NAME.ortopt.onnx where ORT's optimizer fuses attention,
+        NAME.ortopt_flash.onnx where ORT's optimizer without attention fusion fuses anything)
+        and DIR/forms.json, the list of (model, form, file) the other commands measure; --parity
+        runs every form against the unfused export in ORT (right-padded batch, valid positions
+        compared) and records the worst difference
     model_bench.py run --forms DIR/forms.json --out RESULTS.json [--seqs 128,512,2048,8192,32768]
         [--batches 1,8] [--models bert_base_eager_ts17,...] [--forms-only unfused,flash]
         [--provider cuda|cpu] [--budget-s 300] [--gpu-mem-limit-gb 80]
@@ -45,16 +51,24 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
-FORMS = ("unfused", "ort_opt", "flash")
-FORM_LABEL = {"unfused": "unfused export", "ort_opt": "ORT transformer optimizer", "flash": "flash-ort fuse"}
+FORMS = ("unfused", "ort_opt", "flash", "ort_opt_flash")
+FORM_LABEL = {"unfused": "unfused export", "ort_opt": "ORT transformer optimizer", "flash": "flash-ort fuse",
+              "ort_opt_flash": "ORT optimizer without attention fusion, then flash-ort fuse"}
+OURS = ("flash", "ort_opt_flash")  # forms with com.flash nodes: their sessions load the library
+THEIRS = ("unfused", "ort_opt")    # what the issue compares ours against
 ORT_ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
                      "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention", "SparseAttention"}
 # ORT optimizer model types to try per architecture (export_large.py names). ORT has no LLaMA type
 # in optimize_model; the nearest decoder types are tried (they fused nothing on the tiny exports,
 # models/ORT_OPTIMIZER_COMPARISON.md, but a real-size export is checked again).
 ORT_OPT_TYPES = {"bert_base": ["bert"], "gpt2_small": ["gpt2"], "llama_gqa_2k": ["qwen3", "gpt2"]}
+# With attention fusion off, one type per architecture: the fusions left (LayerNorm, RMSNorm,
+# SkipLayerNorm, BiasGelu, EmbedLayerNorm) are shared by the BERT-family optimizer classes; "gpt2"
+# fuses LLaMA's RMSNorm (SimplifiedLayerNormalization) in a float32 export.
+ORT_OPT_FLASH_TYPES = {"bert_base": "bert", "gpt2_small": "gpt2", "llama_gqa_2k": "gpt2"}
 OOM_PATTERNS = re.compile(r"out of memory|Failed to allocate|BFCArena|CUBLAS_STATUS_ALLOC_FAILED|"
                           r"cudaErrorMemoryAllocation|bad_alloc|Cannot allocate", re.I)
 SHRINK = "memory.enable_memory_arena_shrinkage"
@@ -121,6 +135,125 @@ def ort_optimize(src: Path, dst: Path, rec: dict, use_gpu: bool) -> dict:
     return out
 
 
+def no_attention_options(model_type: str):
+    """ORT's fusions minus everything that would swallow (part of) an attention subgraph."""
+    from onnxruntime.transformers.fusion_options import AttentionMaskFormat, FusionOptions
+
+    o = FusionOptions(model_type)
+    o.enable_attention = False          # flash-ort fuses attention
+    o.use_multi_head_attention = False
+    o.enable_rotary_embeddings = False  # a RotaryEmbedding node would sit inside the Q/K path
+    for packed in ("enable_packed_qkv", "enable_packed_kv"):  # stable-diffusion types only
+        if hasattr(o, packed):
+            setattr(o, packed, False)
+    # Keep the 2-D mask as it is: MaskIndexEnd (BERT's default) lets EmbedLayerNormalization turn
+    # it into an index that only ORT's Attention reads.
+    o.attention_mask_format = AttentionMaskFormat.AttentionMask
+    return o
+
+
+def ort_opt_flash(binary: str, src: Path, mid: Path, dst: Path, rec: dict) -> dict:
+    """ORT's transformer optimizer with attention fusion off (LayerNorm/RMSNorm, SkipLayerNorm,
+    BiasGelu, EmbedLayerNorm, bias+skip fusions on), then `flash-ort fuse` on its output. No file
+    when the optimizer fuses nothing (the form would be the `flash` form again) or leaves an
+    attention op of its own."""
+    import contextlib
+    import io
+    import logging
+
+    import onnx
+    from onnxruntime.transformers import optimizer
+
+    logging.disable(logging.WARNING)
+    cfg = rec["config"]
+    model_type = ORT_OPT_FLASH_TYPES.get(rec["architecture"], "bert")
+    out = {"optimizer": {"model_type": model_type}}
+    t0 = time.time()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            opt = optimizer.optimize_model(str(src), model_type=model_type, num_heads=cfg["num_attention_heads"],
+                                           hidden_size=cfg["hidden_size"], opt_level=0, use_gpu=False,
+                                           optimization_options=no_attention_options(model_type))
+    except Exception as e:
+        out["error"] = f"ORT optimizer ({model_type}, attention off): {type(e).__name__}: {str(e)[:300]}"
+        return out
+    fused_ops = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    attn = count_ops(opt.model, "com.microsoft", ORT_ATTENTION_OPS)
+    out["optimizer"].update(fused_ops=fused_ops, seconds=round(time.time() - t0, 1))
+    if attn:
+        out["error"] = f"ORT optimizer left {attn} attention ops of its own with attention fusion off"
+        return out
+    if not fused_ops:
+        out["skipped"] = (f"ORT's optimizer ({model_type}, attention fusion off) fused nothing in this export: "
+                          "the form would be the flash form again")
+        return out
+    big = os.path.getsize(src) + sum(os.path.getsize(p) for p in src.parent.glob(src.name + ".data")) > 1.8e9
+    opt.save_model_to_file(str(mid), use_external_data_format=big, all_tensors_to_one_file=True)
+    del opt
+    out["optimizer"]["file"] = mid.name
+    fl = flash_fuse(binary, mid, dst)
+    out.update({k: v for k, v in fl.items() if k != "seconds"}, seconds=round(time.time() - t0, 1))
+    if "error" not in fl:
+        out["file"] = dst.name
+        # The other forms' op counts, for the table: what is left of the non-attention work.
+        m = onnx.load(str(dst), load_external_data=False)
+        out["ops"] = dict(sorted(Counter(n.op_type for n in m.graph.node if n.op_type != "Constant").items()))
+    return out
+
+
+def parity(folder: Path, entry: dict, provider: str, library: str | None, seq: int = 16) -> dict:
+    """Every form against the unfused export in ORT: batch 2, the second row right-padded by a
+    third; outputs compared at the valid positions (what padded positions hold is not specified)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    if provider == "cuda":
+        try:
+            ort.preload_dlls()
+        except Exception:
+            pass
+    seq = min(seq, entry["config"].get("max_positions") or seq)
+    feeds = make_feeds(entry["inputs"], entry["config"]["vocab_size"], 2, seq, seed=7)
+    valid = np.ones((2, seq), dtype=bool)
+    valid[1, seq - seq // 3:] = False
+    for i in entry["inputs"]:
+        if i["name"] == "attention_mask" or i.get("role") == "attention_mask":
+            feeds[i["name"]] = valid.astype(np.int64)
+
+    def run(form):
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if form in OURS:
+            so.register_custom_ops_library(library)
+        providers = ([("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"] if provider == "cuda"
+                     else ["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(folder / entry["forms"][form]["file"]), so, providers=providers)
+        return sess.run(None, feeds)[0]
+
+    tol = 2e-2 if entry.get("dtype") == "float16" else 1e-3
+    ref = run("unfused").astype(np.float64)
+    out = {}
+    for f in FORMS[1:]:
+        info = entry["forms"].get(f) or {}
+        if not info.get("file") or info.get("error"):
+            continue
+        t0 = time.time()
+        try:
+            y = run(f).astype(np.float64)
+        except Exception as e:
+            out[f] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            continue
+        if y.shape != ref.shape:
+            out[f] = {"ok": False, "error": f"output shape {list(y.shape)} vs unfused {list(ref.shape)}"}
+            continue
+        a, b = (ref[valid], y[valid]) if ref.shape[:2] == valid.shape else (ref, y)
+        rel = float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
+        out[f] = {"ok": bool(np.isfinite(b).all() and rel <= tol), "max_abs": float(np.abs(a - b).max()),
+                  "ref_max_abs": float(np.abs(a).max()), "rel_l2": rel, "tolerance_rel_l2": tol,
+                  "seconds": round(time.time() - t0, 1)}
+    return {"batch": 2, "seq": seq, "padded_rows": 1, "provider": provider, "forms": out}
+
+
 def cmd_prepare(a) -> int:
     manifest = json.loads(Path(a.manifest).read_text())
     folder = Path(a.manifest).parent
@@ -148,7 +281,20 @@ def cmd_prepare(a) -> int:
             log(f"{name}: ORT transformer optimizer ...")
             forms["ort_opt"] = ort_optimize(src, folder / f"{name}.ortopt.onnx", rec, use_gpu=a.provider == "cuda")
             log(f"{name}: ort_opt {forms['ort_opt']}")
+        if a.ort_opt_flash and ("ort_opt_flash" not in forms or a.force):
+            log(f"{name}: ORT transformer optimizer without attention fusion, then flash-ort fuse ...")
+            forms["ort_opt_flash"] = ort_opt_flash(a.flash_ort, src, folder / f"{name}.ortopt_noattn.onnx",
+                                                   folder / f"{name}.ortopt_flash.onnx", rec)
+            log(f"{name}: ort_opt_flash {forms['ort_opt_flash']}")
         forms_path.write_text(json.dumps(doc, indent=1))
+        if a.parity:
+            log(f"{name}: parity of every form against the unfused export ({a.provider}) ...")
+            try:
+                entry["parity"] = parity(folder, entry, a.provider, a.library)
+            except Exception as e:
+                entry["parity"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            log(f"{name}: parity {json.dumps(entry['parity'])}")
+            forms_path.write_text(json.dumps(doc, indent=1))
     print(forms_path)
     return 0
 
@@ -464,7 +610,7 @@ def selected(doc: dict, a):
 def base_spec(doc, folder, m, f, a, deadline):
     entry = doc["models"][m]
     return {"path": str(folder / entry["forms"][f]["file"]), "provider": a.provider, "device_id": a.device_id,
-            "library": a.library if f == "flash" else None, "inputs": entry["inputs"],
+            "library": a.library if f in OURS else None, "inputs": entry["inputs"],
             "vocab": entry["config"]["vocab_size"], "gpu_mem_limit": int(a.gpu_mem_limit_gb * 2 ** 30) if a.gpu_mem_limit_gb else None,
             "deadline": deadline, "target_s": a.target_s, "min_iters": a.min_iters, "max_iters": a.max_iters,
             "check_finite": True}
@@ -473,8 +619,9 @@ def base_spec(doc, folder, m, f, a, deadline):
 def model_meta(doc, m):
     e = doc["models"][m]
     return {k: e.get(k) for k in ("architecture", "exporter", "opset", "attn_implementation", "dtype", "config",
-                                  "attention_sites", "onnx_attention_nodes")} | {
-        "forms": {f: {k: v for k, v in info.items() if k in ("file", "fused_sites", "model_type", "tried", "error")}
+                                  "attention_sites", "onnx_attention_nodes", "parity")} | {
+        "forms": {f: {k: v for k, v in info.items() if k in ("file", "fused_sites", "model_type", "tried", "error",
+                                                               "optimizer", "skipped", "ops")}
                   for f, info in e["forms"].items()}}
 
 
@@ -636,6 +783,13 @@ def markdown(res: dict) -> str:
         if "ort_opt" not in forms and oo.get("tried"):
             fused += "; ORT transformer optimizer: " + ", ".join(
                 f"{t['model_type']}: {t['fused'] if 'fused' in t else 'error ' + t.get('error', '')[:80]}" for t in oo["tried"])
+        of = info["forms"].get("ort_opt_flash") or {}
+        ops = (of.get("optimizer") or {}).get("fused_ops")
+        if ops:
+            fused += (f"; ort_opt_flash: ORT ({of['optimizer']['model_type']}, attention off) fused "
+                      + ", ".join(f"{v} {k}" for k, v in ops.items()))
+        if of.get("skipped") or of.get("error"):
+            fused += f"; no ort_opt_flash form: {of.get('skipped') or of.get('error')}"
         lines += [f"### {m}", "",
                   f"{info.get('architecture')}, {cfg.get('num_layers')} layers, hidden {cfg.get('hidden_size')}, "
                   f"{cfg.get('num_attention_heads')} heads ({cfg.get('num_key_value_heads')} KV), {info.get('dtype')}, "
@@ -643,22 +797,24 @@ def markdown(res: dict) -> str:
                   f"attention sites {info.get('attention_sites')}, fused — {fused}"
                   + (f"; the export already has {info['onnx_attention_nodes']} ONNX `Attention` nodes" if info.get("onnx_attention_nodes") else ""),
                   ""]
-        head = ["B", "S"] + [f"{f} ms" for f in forms]
-        if "flash" in forms:
-            head += [f"flash speed-up vs {f}" for f in forms if f != "flash"]
+        par = (info.get("parity") or {}).get("forms")
+        if par:
+            lines += ["Parity against the unfused export (B=2, one row right-padded, valid positions): " + "; ".join(
+                f"{f}: " + (f"rel L2 {r['rel_l2']:.1e}, max abs {r['max_abs']:.2e} {'ok' if r['ok'] else 'FAIL'}"
+                            if "rel_l2" in r else f"FAIL {r.get('error', '')[:100]}") for f, r in par.items()), ""]
+        # Speed-up of each of our forms against each of ORT's (the issue: >= 2x the unfused export,
+        # no slower than ORT's own fused path).
+        pairs = [(o, f) for o in OURS if o in forms for f in THEIRS if f in forms]
+        head = ["B", "S"] + [f"{f} ms" for f in forms] + [f"{o} speed-up vs {f}" for o, f in pairs]
         head += [f"{f} peak GiB" for f in forms]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         keys = sorted({(p["batch"], p["seq"]) for p in res["points"] if p["model"] == m})
         for b, s in keys:
             row = [str(b), str(s)] + [fmt_ms(idx.get((m, f, b, s))) for f in forms]
-            if "flash" in forms:
-                fl = idx.get((m, "flash", b, s))
-                for f in forms:
-                    if f == "flash":
-                        continue
-                    o = idx.get((m, f, b, s))
-                    ok = fl and o and fl["status"] == "ok" and o["status"] == "ok"
-                    row.append(f"{o['latency_ms_median'] / fl['latency_ms_median']:.2f}×" if ok else "—")
+            for o, f in pairs:
+                ours, theirs = idx.get((m, o, b, s)), idx.get((m, f, b, s))
+                ok = ours and theirs and ours["status"] == "ok" and theirs["status"] == "ok"
+                row.append(f"{theirs['latency_ms_median'] / ours['latency_ms_median']:.2f}×" if ok else "—")
             row += [fmt_gib(idx.get((m, f, b, s))) for f in forms]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
@@ -697,6 +853,10 @@ def main() -> int:
     p.add_argument("--manifest", required=True, help="manifest_large.json written by models/export_large.py")
     p.add_argument("--flash-ort", default=os.environ.get("FLASH_ORT_BIN", str(root / "target" / "release" / "flash-ort")))
     p.add_argument("--ort-opt", action="store_true", help="also run ORT's transformer optimizer")
+    p.add_argument("--ort-opt-flash", action="store_true",
+                   help="also ORT's optimizer with attention fusion off, then flash-ort fuse (form ort_opt_flash)")
+    p.add_argument("--parity", action="store_true", help="run every form against the unfused export in ORT")
+    p.add_argument("--library", default=lib_default, help="libflash_ort.so, for --parity")
     p.add_argument("--models", help="comma-separated model names (file stems) or architectures")
     p.add_argument("--provider", choices=("cuda", "cpu"), default="cuda", help="optimizer's use_gpu")
     p.add_argument("--force", action="store_true", help="redo forms already in forms.json")
@@ -735,6 +895,8 @@ def main() -> int:
     if a.cmd == "prepare":
         if not os.path.exists(a.flash_ort):
             ap.error(f"--flash-ort {a.flash_ort}: no such file")
+        if a.parity and not os.path.exists(a.library):
+            ap.error(f"--library {a.library}: no such file (needed by --parity)")
         return cmd_prepare(a)
     if a.cmd == "table":
         return cmd_table(a)
