@@ -5,9 +5,10 @@
   (head dim, causal): attention forward TFLOP/s against sequence length for com.flash.FlashAttention
   in ORT and its peers (ORT MultiHeadAttention, PyTorch SDPA flash and cuDNN); and one figure of
   the decode rows (GB/s of K/V read per batch and KV length).
-- `--models FILE`: the JSON of bench/model_bench.py. One figure per model: latency and peak device
-  memory against sequence length for each form (unfused export, ORT optimizer, flash-ort fuse) and
-  batch size; points that ran out of memory are marked with a cross where the line stops.
+- `--models FILE`: the JSON of bench/model_bench.py. One figure per model: latency, peak device
+  memory and speed-up over the unfused export against sequence length for each form (unfused
+  export, ORT optimizer, flash-ort fuse, ORT optimizer without attention fusion + flash-ort fuse)
+  and batch size; points that ran out of memory are marked with a cross where the line stops.
 
     python bench/plot.py [--kernel gpu_ort_bench.json] [--models model_bench.json] --out DIR
         [--device "NVIDIA H100 80GB HBM3"] [--date 2026-11-22]
@@ -38,6 +39,7 @@ FORM_STYLE = {
     "unfused": ("unfused export", "tab:gray"),
     "ort_opt": ("ORT transformer optimizer", "tab:blue"),
     "flash": ("flash-ort fuse", "tab:red"),
+    "ort_opt_flash": ("ORT optimizer (no attention) + flash-ort", "tab:orange"),
 }
 BATCH_LINE = {1: "-", 8: "--"}
 
@@ -106,7 +108,9 @@ def model_plots(res: dict, out: Path, subtitle: str) -> list:
     sub = subtitle or f"{device.split(',')[0]}, {meta.get('date_utc', '')[:10]}"
     for model in sorted({p["model"] for p in res["points"]}):
         pts = [p for p in res["points"] if p["model"] == model]
-        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+        fig, (ax_t, ax_m, ax_s) = plt.subplots(1, 3, figsize=(16, 4.2))
+        unfused = {(p["batch"], p["seq"]): p["latency_ms_median"] for p in pts
+                   if p["form"] == "unfused" and p["status"] == "ok"}
         for form in [f for f in FORM_STYLE if any(p["form"] == f for p in pts)]:
             label, color = FORM_STYLE[form]
             for b in sorted({p["batch"] for p in pts if p["form"] == form}):
@@ -116,6 +120,10 @@ def model_plots(res: dict, out: Path, subtitle: str) -> list:
                 if ok:
                     ax_t.plot([p["seq"] for p in ok], [p["latency_ms_median"] for p in ok], label=f"{label}, batch {b}", **style)
                     ax_m.plot([p["seq"] for p in ok], [p["peak_mib"] / 1024 for p in ok], label=f"{label}, batch {b}", **style)
+                    sp = [(p["seq"], unfused[(b, p["seq"])] / p["latency_ms_median"]) for p in ok
+                          if form != "unfused" and (b, p["seq"]) in unfused]
+                    if sp:
+                        ax_s.plot(*zip(*sp), **style)
                 oom = [p for p in series if p["status"] == "oom"]
                 if oom:
                     # The first S that ran out of memory: a cross at the top of both panels.
@@ -123,7 +131,7 @@ def model_plots(res: dict, out: Path, subtitle: str) -> list:
                         ax.plot([oom[0]["seq"]], [0.96], "x", color=color, ms=9, mew=2,
                                 transform=ax.get_xaxis_transform(), clip_on=False)
         seqs = sorted({p["seq"] for p in pts})
-        for ax in (ax_t, ax_m):
+        for ax in (ax_t, ax_m, ax_s):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xticks(seqs, [f"{s // 1024}k" if s >= 1024 else str(s) for s in seqs])
@@ -140,6 +148,11 @@ def model_plots(res: dict, out: Path, subtitle: str) -> list:
         ax_m.set_ylabel("peak device memory, GiB" if meta.get("provider") != "cpu" else "peak RSS growth, GiB")
         ax_t.set_title("latency")
         ax_m.set_title("peak memory")
+        ax_s.set_title("speed-up over the unfused export")
+        ax_s.set_ylabel("unfused latency / form latency")
+        for y, txt in ((1, "1×"), (2, "2× (issue 5 target)")):
+            ax_s.axhline(y, color="black", lw=0.8, ls=":")
+            ax_s.text(0.01, y, txt, va="bottom", fontsize=8, transform=ax_s.get_yaxis_transform())
         ax_t.legend(fontsize=7)
         info = res.get("models", {}).get(model, {})
         fig.suptitle(f"{model} ({info.get('dtype', '')}, {info.get('exporter', '')} opset {info.get('opset', '')}) — {sub}")
