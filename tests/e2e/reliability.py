@@ -11,18 +11,26 @@ Checks, each recorded in the JSON with its evidence:
   overrides, I/O bound to device buffers) gives the plain session's output, and again after new
   input values are written into the same buffers. ORT refuses graph capture when a node of the
   model runs on the CPU; that is reported as the reason, not as a pass.
+- `two_gpu` (CUDA only): two sessions of the model in this one process, on device 0 and device 1,
+  I/O bound to each device's memory: each gives the output the device-0 session gives alone, run
+  one after the other and then from two threads at once (both GPUs busy together); this process's
+  memory on device 1 grows when its session is made (the work really is there). With one GPU
+  visible the check is skipped (`ran: false`), not failed.
 - `soak`: R runs (default 10 000) cycling over a fixed set of (batch, sequence) shapes in random
-  order, every output finite and identical to the first output of its shape; device memory (NVML:
-  this process's, else device-wide) and host RSS sampled along the way must stay flat over the
-  second half of the runs.
+  order, every sampled output finite and identical to the first output of its shape; device
+  memory (NVML: this process's, else device-wide) and host RSS sampled along the way must stay
+  flat over the second half of the runs (first/last figures and the fitted slope per 10 000 runs
+  are recorded). On CUDA the outputs stay in device memory (io_binding) and only the sampled ones
+  are copied back, so the soak measures the model, not copies of its logits.
 
     python tests/e2e/reliability.py --model FUSED.onnx [--provider cuda|cpu] [--library SO]
-        [--checks bad_inputs,threads,cuda_graph,soak] [--runs 10000] [--seqs 8,32,128,512]
+        [--checks bad_inputs,threads,cuda_graph,two_gpu,soak] [--runs 10000] [--seqs 8,32,128,512]
         [--batches 1,4] [--out reliability.json] [--label NAME]
 
 Exit status 0 when every check that ran passed, 1 otherwise, 2 on an error.
 The op-level versions of these checks (one FlashAttention node: bad shapes inside the op, 8 threads,
 CUDA graph, two GPUs) are in tests/gpu/test_op_cuda_ort.py; this script adds the whole-model view.
+scripts/two_gpu.sh runs `two_gpu` alone on a two-GPU machine.
 """
 
 from __future__ import annotations
@@ -269,14 +277,113 @@ def check_cuda_graph(path, facts: ModelFacts, a) -> dict:
             "max_abs_diff_new_inputs": float(np.abs(out.numpy().astype(np.float64) - want2.astype(np.float64)).max())}
 
 
+def gpu_process_mib(device_id: int):
+    """This process's memory on one GPU (NVML), or None where NVML cannot tell."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(device_id)
+        for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
+            if p.pid == os.getpid() and isinstance(p.usedGpuMemory, int):
+                return round(p.usedGpuMemory / MIB)
+        return 0
+    except Exception:
+        return None
+
+
+def check_two_gpu(path, facts: ModelFacts, a) -> dict:
+    import onnxruntime as ort
+
+    try:  # ORT's own view of the devices (CUDA_VISIBLE_DEVICES included)
+        ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.float32), "cuda", 1)
+    except Exception as e:
+        return {"ok": True, "ran": False, "skipped": "no second GPU visible to ORT: "
+                + str(e).replace("\n", " ")[:200]}
+    batch, seq = 2, min(128, a.max_seq)
+    feeds = [facts.feeds(batch, seq, seed=10 + i) for i in range(4)]
+    names = None
+
+    def run(sess, dev, f):
+        b = sess.io_binding()
+        keep = [ort.OrtValue.ortvalue_from_numpy(v, "cuda", dev) for v in f.values()]
+        for k, v in zip(f, keep):
+            b.bind_ortvalue_input(k, v)
+        b.bind_output(names[0], "cuda", dev)
+        sess.run_with_iobinding(b)
+        return b.get_outputs()[0].numpy()
+
+    mem = {"device1_mib_before": gpu_process_mib(1)}
+    s0 = make_session(path, "cuda", a.library, cuda_opts={"device_id": 0})
+    names = [o.name for o in s0.get_outputs()]
+    alone = [run(s0, 0, f) for f in feeds]  # device 0 while no session exists on device 1
+    s1 = make_session(path, "cuda", a.library, cuda_opts={"device_id": 1})
+    seq1 = [run(s1, 1, f) for f in feeds]
+    mem["device1_mib_after_session"] = gpu_process_mib(1)
+    got = {0: [], 1: []}
+    errors = []
+
+    def worker(sess, dev):
+        try:
+            for _ in range(a.thread_runs):
+                for f in feeds:
+                    got[dev].append(run(sess, dev, f))
+        except Exception as e:
+            errors.append(f"device {dev}: {str(e)[:300]}")
+
+    ts = [threading.Thread(target=worker, args=(s, d)) for s, d in ((s0, 0), (s1, 1))]
+    t0 = time.time()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+
+    def worst(ys):
+        return max(float(np.abs(y.astype(np.float64) - alone[i % len(feeds)].astype(np.float64)).max())
+                   for i, y in enumerate(ys)) if ys else None
+
+    same1 = all(np.array_equal(y, r) for y, r in zip(seq1, alone))
+    conc = {d: sum(np.array_equal(y, alone[i % len(feeds)]) for i, y in enumerate(got[d])) for d in (0, 1)}
+    n = a.thread_runs * len(feeds)
+    grew = mem["device1_mib_after_session"] is None or mem["device1_mib_after_session"] > (mem["device1_mib_before"] or 0)
+    finite = all(np.isfinite(y).all() for y in alone + seq1)
+    why = [w for w, bad in (
+        ("device 1 alone differs from device 0 alone", not same1),
+        (f"concurrent runs: {conc[0]}/{n} on device 0, {conc[1]}/{n} on device 1 identical", conc[0] != n or conc[1] != n),
+        ("errors: " + "; ".join(errors[:2]), bool(errors)),
+        ("non-finite outputs", not finite),
+        ("this process's memory on device 1 did not grow: did the session run there?", not grew)) if bad]
+    return {"ok": not why, "ran": True, "reason": "; ".join(why) or None, "batch": batch, "seq": seq,
+            "inputs": len(feeds), "device1_equals_device0": same1,
+            "max_abs_diff_device1_vs_device0": worst(seq1),
+            "concurrent_runs_per_device": n, "concurrent_identical": conc,
+            "concurrent_max_abs_diff": {d: worst(got[d]) for d in (0, 1)}, "errors": errors[:3],
+            "memory_mib": mem, "seconds": round(time.time() - t0, 2)}
+
+
 def check_soak(sess, facts: ModelFacts, a, mem: Memory) -> dict:
     shapes = [(b, s) for b in a.batches for s in a.seqs if s <= a.max_seq]
     rng = random.Random(0)
     feeds = {sh: facts.feeds(*sh, seed=sh[0] * 100000 + sh[1]) for sh in shapes}
+    out_names = [o.name for o in sess.get_outputs()]
+
+    def run(sh, fetch):
+        """One run; the first output on the host when `fetch` (else None). On CUDA the outputs
+        stay on the device (ORT allocates them from its arena each run, as a server's would)."""
+        if a.provider != "cuda":
+            return sess.run(None, feeds[sh])[0]
+        b = sess.io_binding()
+        for k, v in feeds[sh].items():
+            b.bind_cpu_input(k, v)
+        for n in out_names:
+            b.bind_output(n, "cuda")
+        sess.run_with_iobinding(b)
+        return b.get_outputs()[0].numpy() if fetch else None
+
     first = {}
     # Warm-up: every shape twice, so the arena and ORT's per-shape caches have reached their size.
     for sh in shapes * 2:
-        first[sh] = sess.run(None, feeds[sh])[0]
+        first[sh] = run(sh, True)
     samples = []  # (run, gpu bytes or None, rss bytes)
     mismatches, nonfinite = [], 0
     every = max(1, a.runs // 50)
@@ -284,7 +391,7 @@ def check_soak(sess, facts: ModelFacts, a, mem: Memory) -> dict:
     runs = 0
     for i in range(a.runs):
         sh = rng.choice(shapes)
-        y = sess.run(None, feeds[sh])[0]
+        y = run(sh, i % 97 == 0)
         runs += 1
         if i % 97 == 0:  # a full comparison is as costly as a run: sample it
             if not np.isfinite(y).all():
@@ -394,6 +501,10 @@ def main() -> int:
                 if a.provider != "cuda":
                     continue
                 r = check_cuda_graph(a.model, facts, a)
+            elif check == "two_gpu":
+                if a.provider != "cuda":
+                    continue
+                r = check_two_gpu(a.model, facts, a)
             elif check == "soak":
                 r = check_soak(sess, facts, a, mem)
             else:
