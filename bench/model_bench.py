@@ -273,21 +273,25 @@ def cmd_prepare(a) -> int:
                       "size_bytes": rec.get("size_bytes")})
         forms = entry.setdefault("forms", {})
         forms["unfused"] = {"file": rec["file"]}
+        made = False  # a form made by this call: its parity is not known yet
         if "flash" not in forms or a.force:
+            made = True
             log(f"{name}: flash-ort fuse ...")
             forms["flash"] = flash_fuse(a.flash_ort, src, folder / f"{name}.flash.onnx")
             log(f"{name}: flash {forms['flash']}")
         if a.ort_opt and ("ort_opt" not in forms or a.force):
+            made = True
             log(f"{name}: ORT transformer optimizer ...")
             forms["ort_opt"] = ort_optimize(src, folder / f"{name}.ortopt.onnx", rec, use_gpu=a.provider == "cuda")
             log(f"{name}: ort_opt {forms['ort_opt']}")
         if a.ort_opt_flash and ("ort_opt_flash" not in forms or a.force):
+            made = True
             log(f"{name}: ORT transformer optimizer without attention fusion, then flash-ort fuse ...")
             forms["ort_opt_flash"] = ort_opt_flash(a.flash_ort, src, folder / f"{name}.ortopt_noattn.onnx",
                                                    folder / f"{name}.ortopt_flash.onnx", rec)
             log(f"{name}: ort_opt_flash {forms['ort_opt_flash']}")
         forms_path.write_text(json.dumps(doc, indent=1))
-        if a.parity:
+        if a.parity and (made or "forms" not in (entry.get("parity") or {})):
             log(f"{name}: parity of every form against the unfused export ({a.provider}) ...")
             try:
                 entry["parity"] = parity(folder, entry, a.provider, a.library)

@@ -21,12 +21,19 @@
 #   1. exports of BERT-base (TorchScript, eager) and the LLaMA-style GQA decoder (dynamo opset 18,
 #      sdpa) in float16, in the background, while 2. the MiniLM check (CUDA, fp32 and fp16) and
 #      3. the quick reliability checks (8 threads, CUDA graph, bad inputs) on the fused MiniLM run;
-#   4. fuse (flash-ort; ORT's optimizer for BERT); 5. BERT-base and LLaMA at S = 2048, batch 1 and
-#      8 (the issue's headline); 6. GPT-2 export in the background during 7. the 10 000-run soak
-#      and the reliability checks on the fused LLaMA-style decoder;
+#   4. forms and their parity with the unfused export: BERT-base — flash-ort; ORT's optimizer
+#      (ort_opt); ORT's optimizer with attention fusion off, then flash-ort (ort_opt_flash).
+#      LLaMA — flash-ort (ORT's optimizer fuses nothing in the float16 export, attention or not:
+#      its RMSNorm fusion does not match the Cast-wrapped RMSNorm; stage 10 checks the real export);
+#   5. the issue's headline, S = 2048, batch 1 and 8: BERT unfused / ort_opt / flash /
+#      ort_opt_flash, LLaMA unfused / flash; 6. GPT-2 export in the background during
+#   7. reliability of the fused BERT-base and LLaMA-style decoder (8 threads, CUDA graph, two GPUs
+#      in one process when there are two; bad inputs in their own process), then the 10 000-run
+#      soak of each (B in {1,4} x S in {8..512}, outputs on the device, memory first/last/slope);
 #   8. the S grid (128 ... 32k) for BERT, LLaMA, GPT-2; 9. longest S per form; 10. ORT's optimizer
-#      on LLaMA and GPT-2 (does it fuse anything?); 11. the summary.
-# Stage names for --skip: export minilm quickrel headline soak grid maxseq ortopt.
+#      on LLaMA and GPT-2, with and without attention fusion (an ort_opt_flash form of LLaMA, if
+#      one comes out, is measured at S = 2048); 11. the summary.
+# Stage names for --skip: export minilm quickrel headline rel soak grid maxseq ortopt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -107,6 +114,7 @@ EOF
 else
   dtype=float32  # export_large.py traces float16 on the GPU only
 fi
+sfx=""; [[ $dtype == float16 ]] && sfx=_fp16  # export_large.py's file names: NAME_IMPL_EXP[_fp16].onnx
 # onnxconverter-common (fp16 conversion) from the staged wheel.
 if ls .device-e2e/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target "$work/site" .device-e2e/*.whl >/dev/null 2>&1
@@ -145,7 +153,7 @@ wait_export() {  # NAME MAX_SECONDS: 0 when the export is there
   return 0
 }
 if ! skipped export; then
-  say "1. exporting bert_base (ts17:eager) and llama_gqa_2k (dyn18:sdpa), float16, in the background"
+  say "1. exporting bert_base (ts17:eager) and llama_gqa_2k (dyn18:sdpa), $dtype, in the background"
   export_bg bert_base ts17:eager
   export_bg llama_gqa_2k dyn18:sdpa
 fi
@@ -180,15 +188,14 @@ fi
 
 # --- 4. fuse the exports ---------------------------------------------------------------------
 have_bert=0; have_llama=0; have_gpt2=0
+prepare=($PY bench/model_bench.py prepare --flash-ort "$bin" --library "$lib" --provider "$provider")
 if wait_export bert_base 300; then
-  say "4. fuse bert_base (flash-ort; ORT transformer optimizer)"
-  within 180 $PY bench/model_bench.py prepare --manifest "$work/bert_base/manifest_large.json" \
-    --flash-ort "$bin" --ort-opt --provider "$provider" && have_bert=1
+  say "4. bert_base forms: flash-ort; ORT transformer optimizer; ORT optimizer without attention fusion + flash-ort; parity"
+  within 240 "${prepare[@]}" --manifest "$work/bert_base/manifest_large.json" --ort-opt --ort-opt-flash --parity && have_bert=1
 fi
 if wait_export llama_gqa_2k 300; then
-  say "4. fuse llama_gqa_2k (flash-ort)"
-  within 120 $PY bench/model_bench.py prepare --manifest "$work/llama_gqa_2k/manifest_large.json" \
-    --flash-ort "$bin" --provider "$provider" && have_llama=1
+  say "4. llama_gqa_2k forms: flash-ort; parity"
+  within 150 "${prepare[@]}" --manifest "$work/llama_gqa_2k/manifest_large.json" --parity && have_llama=1
 fi
 bert_forms=$work/bert_base/forms.json; llama_forms=$work/llama_gqa_2k/forms.json; gpt2_forms=$work/gpt2_small/forms.json
 
@@ -199,34 +206,39 @@ if ! skipped headline; then
   [[ -s $res/model_bench.json ]] && $PY bench/model_bench.py table "$res/model_bench.json" | tee "$res/model_bench.md"
 fi
 
-# --- 6./7. GPT-2 export in the background; meanwhile the soak and the decoder's reliability ----
+# --- 6./7. GPT-2 export in the background; meanwhile reliability and the soaks ------------------
 skipped export || export_bg gpt2_small dyn18:sdpa
-bert_flash=$work/bert_base/bert_base_eager_ts17.flash.onnx
-llama_flash=$work/llama_gqa_2k/llama_gqa_2k_sdpa_dyn18.flash.onnx
-if ! skipped soak && fits 60; then
-  if [[ -e $m16 ]]; then
-    say "7. soak: $soak_runs runs of the fused MiniLM (fp16), B in {1,4} x S in {8..512}"
-    rel 150 --model "$m16" --label minilm_fused_fp16_soak --checks soak --runs "$soak_runs" --soak-max-s 120
-  elif [[ -e $bert_flash ]]; then  # no MiniLM staged: the fused BERT-base instead
-    say "7. soak: $soak_runs runs of the fused BERT-base (fp16), B in {1,4} x S in {8..512}"
-    rel 150 --model "$bert_flash" --label bert_base_flash_soak --checks soak --runs "$soak_runs" --soak-max-s 120
-  fi
-fi
-if ! skipped quickrel; then
-  if [[ ! -e $m16 && -e $bert_flash ]] && fits 60; then
-    say "7. reliability (threads, CUDA graph; bad inputs apart) on the fused BERT-base"
-    rel 60 --model "$bert_flash" --label bert_base_flash --checks threads,cuda_graph
+bert_flash=$work/bert_base/bert_base_eager_ts17${sfx}.flash.onnx
+bert_oflash=$work/bert_base/bert_base_eager_ts17${sfx}.ortopt_flash.onnx
+llama_flash=$work/llama_gqa_2k/llama_gqa_2k_sdpa_dyn18${sfx}.flash.onnx
+if ! skipped rel; then
+  if [[ -e $bert_flash ]] && fits 60; then
+    say "7. reliability of the fused BERT-base: threads, CUDA graph, two GPUs; bad inputs in their own process"
+    rel 90 --model "$bert_flash" --label bert_base_flash --checks threads,cuda_graph,two_gpu
     rel 45 --model "$bert_flash" --label bert_base_flash_bad_inputs --checks bad_inputs
   fi
+  if [[ -e $bert_oflash ]] && fits 60; then
+    say "7. reliability of BERT-base after ORT's optimizer (attention off) + flash-ort: threads, CUDA graph"
+    rel 60 --model "$bert_oflash" --label bert_base_ort_opt_flash --checks threads,cuda_graph
+  fi
   if [[ -e $llama_flash ]] && fits 80; then
-    say "7. reliability of a causal GQA decoder: the fused LLaMA-style model (S <= 512)"
-    rel 60 --model "$llama_flash" --label llama_gqa_2k_flash --checks threads,cuda_graph --max-seq 512
-    rel 45 --model "$llama_flash" --label llama_gqa_2k_flash_bad_inputs --checks bad_inputs --max-seq 512
+    say "7. reliability of the fused LLaMA-style GQA decoder (S <= 512): threads, CUDA graph, two GPUs; bad inputs"
+    rel 120 --model "$llama_flash" --label llama_gqa_2k_flash --checks threads,cuda_graph,two_gpu --max-seq 512
+    rel 60 --model "$llama_flash" --label llama_gqa_2k_flash_bad_inputs --checks bad_inputs --max-seq 512
+  fi
+fi
+if ! skipped soak; then
+  if [[ -e $bert_flash ]] && fits 60; then
+    say "7. soak: $soak_runs runs of the fused BERT-base, B in {1,4} x S in {8..512}"
+    rel 150 --model "$bert_flash" --label bert_base_flash_soak --checks soak --runs "$soak_runs" --soak-max-s 120
+  fi
+  if [[ -e $llama_flash ]] && fits 90; then
+    say "7. soak: $soak_runs runs of the fused LLaMA-style decoder, B in {1,4} x S in {8..512}"
+    rel 210 --model "$llama_flash" --label llama_gqa_2k_flash_soak --checks soak --runs "$soak_runs" --soak-max-s 180 --max-seq 512
   fi
 fi
 if wait_export gpt2_small 120; then
-  within 60 $PY bench/model_bench.py prepare --manifest "$work/gpt2_small/manifest_large.json" \
-    --flash-ort "$bin" --provider "$provider" && have_gpt2=1
+  within 60 "${prepare[@]}" --manifest "$work/gpt2_small/manifest_large.json" && have_gpt2=1
 fi
 
 # --- 8. the S grid -----------------------------------------------------------------------------
@@ -246,22 +258,31 @@ fi
 if ! skipped ortopt && fits 60; then
   for name in gpt2_small llama_gqa_2k; do
     [[ -s $work/$name/forms.json ]] && fits 45 || continue
-    say "10. ORT transformer optimizer on $name"
-    within $(($(left) - 20)) $PY bench/model_bench.py prepare --manifest "$work/$name/manifest_large.json" --flash-ort "$bin" --ort-opt --provider "$provider"
+    say "10. ORT transformer optimizer on $name, with and without attention fusion"
+    within $(($(left) - 20)) "${prepare[@]}" --manifest "$work/$name/manifest_large.json" --ort-opt --ort-opt-flash --parity
   done
+  # An ort_opt_flash form of the decoder (the optimizer fused something): measure it at S = 2048.
+  if [[ -e $work/llama_gqa_2k/llama_gqa_2k_sdpa_dyn18${sfx}.ortopt_flash.onnx ]] && fits 40; then
+    say "10. llama_gqa_2k ort_opt_flash at S=2048"
+    bench run --forms "$llama_forms" --forms-only ort_opt_flash --seqs 2048 --batches 1,8 --budget-s $(($(left) - 20))
+  fi
 fi
 
 # --- 11. summary ------------------------------------------------------------------------------------
 say "11. summary"
 if [[ -s $res/model_bench.json ]]; then
-  # forms.json now knows what ORT's optimizer did on every model; fold that into the results.
+  # forms.json now knows what ORT's optimizer did on every model and the forms' parity; fold that
+  # into the results.
   $PY - "$res/model_bench.json" "$work"/*/forms.json <<'EOF'
 import json, sys
 res = json.load(open(sys.argv[1]))
 for f in sys.argv[2:]:
     for name, e in json.load(open(f))["models"].items():
         if name in res["models"]:
-            res["models"][name]["forms"]["ort_opt"] = {k: v for k, v in e["forms"].get("ort_opt", {}).items() if k != "file"} or None
+            for form in ("ort_opt", "ort_opt_flash"):
+                res["models"][name]["forms"][form] = {k: v for k, v in e["forms"].get(form, {}).items() if k != "file"} or None
+            if e.get("parity"):
+                res["models"][name]["parity"] = e["parity"]
 json.dump(res, open(sys.argv[1], "w"), indent=1)
 EOF
   $PY bench/model_bench.py table "$res/model_bench.json" >"$res/model_bench.md"
@@ -271,7 +292,17 @@ fi
 import json, sys
 for r in json.load(open(sys.argv[1]))["results"]:
     print(f"reliability {r['model']}: {'PASS' if r['ok'] else 'FAIL'}",
-          {k: ("PASS" if v["ok"] else "FAIL: " + str(v.get("reason") or v.get("error") or "")[:160]) for k, v in r["checks"].items()})
+          {k: ("SKIPPED: " + str(v.get("skipped"))[:80] if v.get("ran") is False and v["ok"] else "PASS" if v["ok"]
+               else "FAIL: " + str(v.get("reason") or v.get("error") or "")[:160]) for k, v in r["checks"].items()})
+    s = r["checks"].get("soak")
+    if s and "runs" in s:
+        print(f"  soak: {s['runs']} runs in {s['seconds']} s; device MiB first/last {s['gpu_used_mib_first_last']} "
+              f"({s['gpu_memory_probe']}), slope {s['gpu_slope_mib_per_10k_runs']} MiB/10k runs; host RSS MiB first/last "
+              f"{s['rss_mib_first_last']}, slope {s['rss_slope_mib_per_10k_runs']} MiB/10k runs; mismatches {s['mismatch_count']}")
+    g = r["checks"].get("two_gpu")
+    if g and g.get("ran"):
+        print(f"  two GPUs: device 1 = device 0 {g['device1_equals_device0']}, concurrent identical {g['concurrent_identical']} "
+              f"of {g['concurrent_runs_per_device']} each, device-1 memory MiB {g['memory_mib']}")
 EOF
 [[ -s $res/minilm_$provider.json ]] && $PY - "$res/minilm_$provider.json" <<'EOF'
 import json, sys

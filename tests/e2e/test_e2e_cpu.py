@@ -104,3 +104,48 @@ def test_plot_from_results(bench_dir):
     assert p.returncode == 0, p.stderr
     assert sorted(x.name for x in (bench_dir / "png").iterdir()) == [
         "model_bert_eager_ts17.png", "model_llama_gqa_sdpa_dyn18.png"]
+
+
+def test_ort_opt_flash_form(tmp_path):
+    """ORT's optimizer with attention fusion off, then flash-ort fuse: every attention site still
+    fuses, ORT's LayerNorm/GELU fusions are there, and the form matches the unfused export."""
+    pytest.importorskip("sympy", reason="ORT's transformer optimizer needs sympy (symbolic shape inference)")
+    manifest = json.loads((ROOT / "models" / "manifest.json").read_text())
+    recs = [r for r in manifest["models"] if r["file"] in MODELS]
+    for r in recs:
+        shutil.copy(ROOT / "models" / r["file"], tmp_path / r["file"])
+    (tmp_path / "manifest_large.json").write_text(json.dumps({"models": recs}))
+    p = subprocess.run([PY, "bench/model_bench.py", "prepare", "--manifest", str(tmp_path / "manifest_large.json"),
+                        "--flash-ort", BIN, "--library", LIB, "--ort-opt-flash", "--parity", "--provider", "cpu"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    forms = json.loads((tmp_path / "forms.json").read_text())["models"]
+    for name, e in forms.items():
+        of = e["forms"]["ort_opt_flash"]
+        assert of["fused_sites"] == e["attention_sites"], (name, of)
+        assert of["ops"].get("FlashAttention") == e["attention_sites"] and "Softmax" not in of["ops"], of["ops"]
+        assert of["optimizer"]["fused_ops"], of  # float32 exports: LayerNorm (BERT), RMSNorm (LLaMA) fuse
+        assert e["parity"]["forms"]["ort_opt_flash"]["ok"], e["parity"]
+        assert e["parity"]["forms"]["flash"]["ok"], e["parity"]
+    bert = forms["bert_eager_ts17"]["forms"]["ort_opt_flash"]
+    assert bert["optimizer"]["fused_ops"].get("SkipLayerNormalization") and bert["optimizer"]["fused_ops"].get("BiasGelu")
+    out = tmp_path / "results.json"
+    p = subprocess.run([PY, "bench/model_bench.py", "run", "--forms", str(tmp_path / "forms.json"), "--out", str(out),
+                        "--provider", "cpu", "--library", LIB, "--seqs", "8", "--batches", "1", "--target-s", "0.02",
+                        "--budget-s", "120"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    pts = [x for x in json.loads(out.read_text())["points"] if x["form"] == "ort_opt_flash"]
+    assert len(pts) == 2 and all(x["status"] == "ok" for x in pts), pts
+    table = subprocess.run([PY, "bench/model_bench.py", "table", str(out)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60).stdout
+    assert "ort_opt_flash speed-up vs unfused" in table and "Parity against the unfused export" in table
+
+
+def test_two_gpu_check_skips_without_a_second_gpu(bench_dir):
+    out = bench_dir / "two_gpu.json"
+    p = subprocess.run([PY, "tests/e2e/reliability.py", "--model", str(bench_dir / "bert_eager_ts17.flash.onnx"),
+                        "--provider", "cpu", "--library", LIB, "--checks", "two_gpu", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    c = json.loads(out.read_text())["results"][0]["checks"]["two_gpu"]
+    assert c["ok"] and c["ran"] is False and "second GPU" in c["skipped"], c
