@@ -154,7 +154,7 @@ __device__ __forceinline__ void load_tile(typename Cfg::T* smem, RowPtr row_ptr,
     }
 }
 
-template <typename T>
+// Mask element `idx` as an additive fp32 bias (bool: true = attend -> 0, false -> -inf).
 __device__ __forceinline__ float mask_value(const void* mask, int kind, int64_t idx) {
     switch (kind) {
         case kMaskBool:
@@ -169,6 +169,62 @@ __device__ __forceinline__ float mask_value(const void* mask, int kind, int64_t 
             return 0.f;
     }
 }
+
+// Staging a key-padding mask: the raw bits of one element are loaded when the block's K/V copy is
+// issued and converted (mask_raw_bias) only when stored to shared memory, after the previous
+// block's math, so the load's latency hides behind that math instead of stalling the warp.
+__device__ __forceinline__ uint32_t mask_raw(const void* mask, int kind, int64_t idx) {
+    switch (kind) {
+        case kMaskBool:
+            return static_cast<const uint8_t*>(mask)[idx];
+        case kMaskF32:
+            return __float_as_uint(static_cast<const float*>(mask)[idx]);
+        default:  // f16 / bf16 bits
+            return static_cast<const uint16_t*>(mask)[idx];
+    }
+}
+__device__ __forceinline__ float mask_raw_bias(uint32_t raw, int kind) {
+    switch (kind) {
+        case kMaskBool:
+            return raw != 0 ? 0.f : -INFINITY;
+        case kMaskF32:
+            return __uint_as_float(raw);
+        case kMaskF16:
+            return __half2float(__ushort_as_half(static_cast<unsigned short>(raw)));
+        default:
+            return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(raw)));
+    }
+}
+
+// Where the staged bias of key k (0 <= k < kBlockN) of a KV block lives, as a float index from
+// the start of that block's K stage: in the 16-byte pad that ends every K row (kStride = kD + 8;
+// the tile loads and ldmatrix touch only columns < kD), 4 floats a row, so key k sits in row
+// k / 4. It needs no shared memory of its own, and it is written and read under the barriers
+// that already order the K stage's writes and reads. Keys 2c and 2c + 1 share a row (an 8-byte
+// float2 load).
+template <typename Cfg>
+__device__ __forceinline__ int key_bias_index(int k) {
+    static_assert((Cfg::kStride - Cfg::kD) * sizeof(typename Cfg::T) == 4 * sizeof(float),
+                  "each K row ends in a 16-byte pad");
+    static_assert(Cfg::kBlockN % 4 == 0 && Cfg::kD * sizeof(typename Cfg::T) % 16 == 0,
+                  "pads are 16-byte aligned");
+    constexpr int kRowFloats = Cfg::kStride * (int)sizeof(typename Cfg::T) / 4;
+    constexpr int kPadFloat = Cfg::kD * (int)sizeof(typename Cfg::T) / 4;
+    return (k / 4) * kRowFloats + kPadFloat + k % 4;
+}
+
+// A compile-time int passed to a generic lambda (the softmax mode).
+template <int V>
+using Tag = std::integral_constant<int, V>;
+
+// Score paths of one KV block, chosen per block (see the call site).
+enum SoftmaxMode : int {
+    kModeFast = 0,        // fully visible, no mask, no softcap
+    kModeBounds = 1,      // no mask, no softcap; causal/window/sequence-end compares
+    kModeGeneral = 2,     // softcap and/or a mask read per score from global memory
+    kModeBias = 3,        // staged key-padding bias, fully inside every row's window
+    kModeBiasBounds = 4,  // staged key-padding bias plus causal/window compares
+};
 
 // ---------------------------------------------------------------------------------------------
 // The kernel
@@ -272,6 +328,27 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
     const float post = additive ? kLog2e : 1.f;
     const float cap_out = additive ? p.softcap : p.softcap * kLog2e;
 
+    // A key-padding mask without softcap (BERT-style [B, 1, 1, T] bool or additive) is staged
+    // once per KV block as fp32 bias (key_bias_index), instead of being loaded and converted per
+    // score and row in the general path. Thread k < kBlockN stages key k; keys at or past kv_end
+    // get -inf there, so only causal/window blocks still need per-score compares.
+    static_assert(kBlockN <= Cfg::kThreads, "one staged key per thread");
+    const bool stage_bias = key_mask && p.softcap == 0.f;
+    const int64_t bias_base = b * p.m_stride[0];
+    auto bias_load = [&](int n) -> uint32_t {  // raw bits of this thread's key of block n
+        const int key = n * kBlockN + tid;
+        return tid < kBlockN && key < kv_end
+                   ? mask_raw(p.mask, p.mask_kind, bias_base + (int64_t)key * p.m_stride[3])
+                   : 0u;
+    };
+    auto bias_store = [&](int n, int stage, uint32_t raw) {
+        const int key = n * kBlockN + tid;
+        if (tid < kBlockN) {
+            reinterpret_cast<float*>(sK + stage * Cfg::kSmemKV)[key_bias_index<Cfg>(tid)] =
+                key < kv_end ? mask_raw_bias(raw, p.mask_kind) : -INFINITY;
+        }
+    };
+
     if (n_begin < n_end) {
         // Q tile (cp.async group 0).
         load_tile<Cfg, kBlockM>(
@@ -305,9 +382,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
         const int count = n_end - n_begin;
 #pragma unroll
         for (int st = 0; st < kStages - 1; ++st) {
-            if (st < count) load_kv(n_end - 1 - st, st);
+            if (st < count) {
+                load_kv(n_end - 1 - st, st);
+                if (stage_bias) bias_store(n_end - 1 - st, st, bias_load(n_end - 1 - st));
+            }
             cp_async_commit();
         }
+        // Raw mask bits of the block issued last, stored to its stage after this block's math.
+        uint32_t bias_next = 0;
 
         uint32_t qf[Cfg::kQInRegs ? kD / 16 : 1][4];
         for (int it = 0; it < count; ++it) {
@@ -319,6 +401,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                 // the one-barrier form below made ptxas spill there.)
                 if (it + 1 < count) {
                     load_kv(n - 1, stage ^ 1);
+                    if (stage_bias) bias_next = bias_load(n - 1);
                     cp_async_commit();
                     cp_async_wait<1>();
                 } else {
@@ -330,8 +413,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                 __syncthreads();
                 // Refill the stage computed in the previous iteration (the barrier above
                 // ordered every warp's reads of it before these writes).
-                if (it + kStages - 1 < count)
+                if (it + kStages - 1 < count) {
                     load_kv(n - (kStages - 1), (it + kStages - 1) % kStages);
+                    if (stage_bias) bias_next = bias_load(n - (kStages - 1));
+                }
                 cp_async_commit();
             }
 
@@ -383,68 +468,106 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                     }
                 }
 
-                // Scores -> softmax numerators, in three copies: fast (block fully visible, no
-                // mask, no softcap: one multiply, one add, one ex2 per score), bounds (causal
-                // diagonal, windows, sequence end: plus a compare and select), and general
-                // (masks, softcap). Keeping the element checks out of the fast copy keeps the hot
-                // loop small (instruction-fetch stalls were 43% of all stalls when every score
-                // carried its mask branches; H200, ncu).
+                // Scores -> softmax numerators, in copies chosen per block (SoftmaxMode): fast
+                // (block fully visible, no mask, no softcap: one multiply, one add, one ex2 per
+                // score), bounds (causal diagonal, windows, sequence end: plus a compare and
+                // select), bias (a staged key-padding mask: plus one shared-memory float2 per
+                // eight scores and an FMA, with or without the compares) and general (softcap, or
+                // masks that vary per row, loaded per score). Keeping the element checks out of
+                // the hot copies keeps the hot loop small (instruction-fetch stalls were 43% of
+                // all stalls when every score carried its mask branches; H200, ncu). The general
+                // copy stays one copy: one per mask kind (no switch per score) made ptxas spill
+                // 2-3x more at D = 128 (CUDA 13.0).
                 const int key0 = n * kBlockN;
                 const bool plain = p.mask_kind == kMaskNone && p.softcap == 0.f;
                 const bool fast =
                     plain && pre > 0.f && key0 >= lo_last && key0 + kBlockN <= hi_first;
+                // Every row sees every key of the block below kv_end (keys past it are -inf
+                // in the staged bias).
+                const bool bias_inside =
+                    key0 >= lo_last && min(key0 + kBlockN, kv_end) <= hi_first;
                 auto softmax = [&](auto mode_tag) {
-                    constexpr int kMode = decltype(mode_tag)::value;  // 0 fast, 1 bounds, 2 general
-                    constexpr bool kGeneral = kMode == 2;
-                    // Mask offsets of this thread's rows, once per block rather than per score
-                    // (the per-score query/head division made masked models run at ~20 TFLOP/s,
-                    // BERT-base fp16 on an H200). A key-padding mask ([B|1, 1, 1, T]) has one
-                    // offset for every row, so its loads are shared across rows.
-                    int64_t rbase[kGeneral ? kR : 1];
-                    if constexpr (kGeneral) {
-#pragma unroll
-                        for (int ri = 0; ri < kR; ++ri) {
-                            rbase[ri] = b * p.m_stride[0];
-                            if (!key_mask) {
-                                const int m = min(row_m_of(ri), p.m_rows - 1);
-                                const int i = m / p.group;
-                                const int h = kvh * p.group + (m - i * p.group);
-                                rbase[ri] += h * p.m_stride[1] + (int64_t)i * p.m_stride[2];
-                            }
-                        }
-                    }
-#pragma unroll
-                    for (int mt = 0; mt < kMT; ++mt) {
+                    constexpr int kMode = decltype(mode_tag)::value;
+                    constexpr bool kGeneral = kMode == kModeGeneral;
+                    constexpr bool kBiased = kMode == kModeBias || kMode == kModeBiasBounds;
+                    constexpr bool kCompare = kMode == kModeBounds || kMode == kModeBiasBounds;
+                    // Paths that may add a mask take x - m before the `post` multiply (natural
+                    // units with an additive mask, see `pre`).
+                    constexpr bool kMasked = kGeneral || kBiased;
+                    auto out_of_bounds = [&](int ri, int key) {
+                        return key < row_lo_k[ri] || key >= row_hi_k[ri];
+                    };
+                    if constexpr (kBiased) {
+                        // x = s * pre + bias: the bias of keys 2 t4 and 2 t4 + 1 of n8 tile j
+                        // serves the 2 kMT rows this thread holds.
+                        const float* bias = reinterpret_cast<const float*>(sKs);
 #pragma unroll
                         for (int j = 0; j < kNT; ++j) {
+                            const int kb = wn0 + j * 8 + 2 * t4;
+                            const float2 bj =
+                                *reinterpret_cast<const float2*>(bias + key_bias_index<Cfg>(kb));
 #pragma unroll
-                            for (int e = 0; e < 4; ++e) {
-                                // The fast path keeps raw scores: the scale is folded into
-                                // the exp2's FFMA below (pre > 0 there, so max commutes).
-                                float x = kMode == 0 ? s[mt][j][e] : s[mt][j][e] * pre;
-                                if constexpr (kMode == 1) {
-                                    const int ri = 2 * mt + e / 2;
-                                    const int key = key0 + wn0 + j * 8 + 2 * t4 + (e & 1);
-                                    x = (key < row_lo_k[ri] || key >= row_hi_k[ri]) ? -INFINITY : x;
-                                }
-                                if constexpr (kGeneral) {
-                                    if (p.softcap > 0.f) x = cap_out * tanhf(x / p.softcap);
-                                    const int ri = 2 * mt + e / 2;
-                                    const int key = key0 + wn0 + j * 8 + 2 * t4 + (e & 1);
-                                    if (key < row_lo_k[ri] || key >= row_hi_k[ri]) {
-                                        x = -INFINITY;
-                                    } else if (p.mask_kind != kMaskNone) {
-                                        const int64_t idx = (key_mask ? rbase[0] : rbase[ri]) +
-                                                            (int64_t)key * p.m_stride[3];
-                                        x += mask_value<T>(p.mask, p.mask_kind, idx);
+                            for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+                                for (int e = 0; e < 4; ++e) {
+                                    float x = fmaf(s[mt][j][e], pre, (e & 1) ? bj.y : bj.x);
+                                    if constexpr (kCompare) {
+                                        if (out_of_bounds(2 * mt + e / 2, key0 + kb + (e & 1)))
+                                            x = -INFINITY;
                                     }
+                                    s[mt][j][e] = x;
                                 }
-                                s[mt][j][e] = x;
+                            }
+                        }
+                    } else {
+                        // Mask offsets of this thread's rows, once per block rather than per
+                        // score (the per-score query/head division made masked models run at
+                        // ~20 TFLOP/s, BERT-base fp16 on an H200). A key-padding mask
+                        // ([B|1, 1, 1, T]) has one offset for every row.
+                        int64_t rbase[kGeneral ? kR : 1];
+                        if constexpr (kGeneral) {
+#pragma unroll
+                            for (int ri = 0; ri < kR; ++ri) {
+                                rbase[ri] = b * p.m_stride[0];
+                                if (!key_mask) {
+                                    const int m = min(row_m_of(ri), p.m_rows - 1);
+                                    const int i = m / p.group;
+                                    const int h = kvh * p.group + (m - i * p.group);
+                                    rbase[ri] += h * p.m_stride[1] + (int64_t)i * p.m_stride[2];
+                                }
+                            }
+                        }
+#pragma unroll
+                        for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+                            for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+                                for (int e = 0; e < 4; ++e) {
+                                    // The fast path keeps raw scores: the scale is folded into
+                                    // the exp2's FFMA below (pre > 0 there, so max commutes).
+                                    float x = kMode == kModeFast ? s[mt][j][e] : s[mt][j][e] * pre;
+                                    const int ri = 2 * mt + e / 2;
+                                    const int key = key0 + wn0 + j * 8 + 2 * t4 + (e & 1);
+                                    if constexpr (kMode == kModeBounds) {
+                                        x = out_of_bounds(ri, key) ? -INFINITY : x;
+                                    }
+                                    if constexpr (kGeneral) {
+                                        if (p.softcap > 0.f) x = cap_out * tanhf(x / p.softcap);
+                                        if (out_of_bounds(ri, key)) {
+                                            x = -INFINITY;
+                                        } else if (p.mask_kind != kMaskNone) {
+                                            const int64_t idx = (key_mask ? rbase[0] : rbase[ri]) +
+                                                                (int64_t)key * p.m_stride[3];
+                                            x += mask_value(p.mask, p.mask_kind, idx);
+                                        }
+                                    }
+                                    s[mt][j][e] = x;
+                                }
                             }
                         }
                     }
                     // Online softmax: running max/sum per row; the sum stays per-thread until
-                    // the end. The fast path has no additive mask, so post == 1 there.
+                    // the end. The fast and bounds paths have no additive mask, so post == 1.
                     float alphas[kR];
                     bool moved = false;
 #pragma unroll
@@ -456,21 +579,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                             mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
                         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
                         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-                        if constexpr (kMode == 0) mx *= pre;
+                        if constexpr (kMode == kModeFast) mx *= pre;
                         const float m_new = fmaxf(row_m[ri], mx);
                         moved |= m_new != row_m[ri];
                         const float m_use = m_new == -INFINITY ? 0.f : m_new;
-                        const float alpha = kGeneral ? fast_exp2((row_m[ri] - m_use) * post)
-                                                     : fast_exp2(row_m[ri] - m_use);
+                        const float alpha = kMasked ? fast_exp2((row_m[ri] - m_use) * post)
+                                                    : fast_exp2(row_m[ri] - m_use);
                         row_m[ri] = m_new;
                         float sum = 0.f;
 #pragma unroll
                         for (int j = 0; j < kNT; ++j) {
                             float p0, p1;
-                            if constexpr (kGeneral) {
+                            if constexpr (kMasked) {
                                 p0 = fast_exp2((s[mt][j][2 * r] - m_use) * post);
                                 p1 = fast_exp2((s[mt][j][2 * r + 1] - m_use) * post);
-                            } else if constexpr (kMode == 0) {
+                            } else if constexpr (kMode == kModeFast) {
                                 p0 = fast_exp2(fmaf(s[mt][j][2 * r], pre, -m_use));
                                 p1 = fast_exp2(fmaf(s[mt][j][2 * r + 1], pre, -m_use));
                             } else {
@@ -499,11 +622,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                     }
                 };
                 if (fast) {
-                    softmax(std::integral_constant<int, 0>{});
+                    softmax(Tag<kModeFast>{});
                 } else if (plain) {
-                    softmax(std::integral_constant<int, 1>{});
+                    softmax(Tag<kModeBounds>{});
+                } else if (stage_bias) {
+                    if (bias_inside) {
+                        softmax(Tag<kModeBias>{});
+                    } else {
+                        softmax(Tag<kModeBiasBounds>{});
+                    }
                 } else {
-                    softmax(std::integral_constant<int, 2>{});
+                    softmax(Tag<kModeGeneral>{});
                 }
 
                 // O += P V, P straight from the S accumulators (C layout of two n8 tiles = A
@@ -532,6 +661,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                     }
                 }
             }
+            // The stage of the block issued above was last read in the previous iteration,
+            // which every warp finished before this iteration's first barrier; its readers wait
+            // for a later barrier.
+            if (stage_bias && it + kStages - 1 < count)
+                bias_store(n - (kStages - 1), (it + kStages - 1) % kStages, bias_next);
             if constexpr (kStages == 2) __syncthreads();
         }
     }
