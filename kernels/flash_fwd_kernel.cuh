@@ -477,7 +477,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
                 // the hot copies keeps the hot loop small (instruction-fetch stalls were 43% of
                 // all stalls when every score carried its mask branches; H200, ncu). The general
                 // copy stays one copy: one per mask kind (no switch per score) made ptxas spill
-                // 2-3x more at D = 128 (CUDA 13.0).
+                // 2-7x more at D = 128 (kernels/NOTES.md, version 8).
                 const int key0 = n * kBlockN;
                 const bool plain = p.mask_kind == kMaskNone && p.softcap == 0.f;
                 const bool fast =

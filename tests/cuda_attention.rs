@@ -15,6 +15,11 @@ use rand::{Rng, SeedableRng};
 /// Runs one case, returns the comparison; panics with the case on any failure.
 fn check(g: &Gpu, c: &Case, rng: &mut StdRng) -> Compared {
     let inp = make_inputs(c, rng);
+    check_inputs(g, c, inp, rng)
+}
+
+/// `check` with inputs already made (and possibly edited, e.g. a mask pattern).
+fn check_inputs(g: &Gpu, c: &Case, inp: Inputs, rng: &mut StdRng) -> Compared {
     let dev = upload(g, &inp);
     run(g, &inp, &dev).unwrap_or_else(|e| panic!("launch failed: {e}\n{}", c.describe()));
     g.stream.synchronize().expect("kernel execution");
@@ -261,4 +266,250 @@ fn cuda_errors_are_results() {
         cuda::scratch_bytes(&inp.p, 4096),
         Err(Error::Device(_))
     ));
+}
+
+/// Refills a case's mask: the element at mask coordinates (b, h, i, key) (the mask's own shape
+/// padded to rank 4, broadcast axes at 0) is visible or not per `visible`; visible additive
+/// values are random in [-3, 1), hidden ones `hidden(b)` (-inf, or a large finite negative
+/// such as f32::MIN that the kernel must not overflow on); bool masks get true / false.
+fn set_mask(
+    inp: &mut Inputs,
+    c: &Case,
+    visible: impl Fn(usize, usize, usize, usize) -> bool,
+    hidden: impl Fn(usize) -> f32,
+    rng: &mut StdRng,
+) {
+    let (kind, shape) = match &c.mask {
+        MaskSpec::Bool(sh) => (None, sh),
+        MaskSpec::Add(t, sh) => (Some(*t), sh),
+        MaskSpec::None => panic!("set_mask on a case without a mask"),
+    };
+    let mut dims = [1usize; 4];
+    for (d, &n) in dims[4 - shape.len()..].iter_mut().zip(shape) {
+        *d = n as usize;
+    }
+    let len: usize = dims.iter().product();
+    let coords = |f: usize| {
+        let k = f % dims[3];
+        let i = f / dims[3] % dims[2];
+        let h = f / (dims[3] * dims[2]) % dims[1];
+        let b = f / (dims[3] * dims[2] * dims[1]);
+        (b, h, i, k)
+    };
+    inp.mask = Some(match kind {
+        None => HostMask::Bool(
+            (0..len)
+                .map(|f| {
+                    let (b, h, i, k) = coords(f);
+                    visible(b, h, i, k) as u8
+                })
+                .collect(),
+        ),
+        Some(t) => {
+            let vals: Vec<f32> = (0..len)
+                .map(|f| {
+                    let (b, h, i, k) = coords(f);
+                    if visible(b, h, i, k) {
+                        rng.random_range(-3.0f32..1.0)
+                    } else {
+                        hidden(b)
+                    }
+                })
+                .collect();
+            match t {
+                ElemType::F32 => HostMask::F32(vals),
+                ElemType::F16 => HostMask::Half(HostTensor::from_f32(DType::F16, &vals)),
+                _ => HostMask::Half(HostTensor::from_f32(DType::BF16, &vals)),
+            }
+        }
+    });
+}
+
+/// The mask element types a problem of `dtype` can take: bool, f32 and its own half type.
+fn mask_kinds(dtype: DType, shape: &[i64]) -> Vec<MaskSpec> {
+    let mut v = vec![
+        MaskSpec::Bool(shape.to_vec()),
+        MaskSpec::Add(ElemType::F32, shape.to_vec()),
+    ];
+    match dtype {
+        DType::F16 => v.push(MaskSpec::Add(ElemType::F16, shape.to_vec())),
+        DType::BF16 => v.push(MaskSpec::Add(ElemType::BF16, shape.to_vec())),
+        DType::F32 => {}
+    }
+    v
+}
+
+/// The most negative finite value of a mask element type (what exporters write for "masked",
+/// e.g. torch.finfo(dtype).min): adding it must not overflow the softmax.
+fn lowest(spec: &MaskSpec) -> f32 {
+    match spec {
+        MaskSpec::Add(ElemType::F16, _) => -65504.0,
+        MaskSpec::Add(ElemType::BF16, _) => half::bf16::MIN.to_f32(),
+        _ => f32::MIN,
+    }
+}
+
+/// Key-padding masks ([B, 1, 1, T] and broadcast forms), the staged-bias path: BERT-style
+/// prefixes per batch (one batch fully masked: zeros), with causal, windows, past K/V,
+/// nonpad, softcap (general path), GQA, every head size, decode and split-KV.
+#[test]
+fn cuda_key_padding_masks() {
+    let Some(g) = gpu() else { return };
+    let mut rng = StdRng::seed_from_u64(29);
+    // Keys kept per batch: all, a prefix ending inside a KV block, none (its rows give zeros),
+    // a prefix ending on a 64-key block edge.
+    let lens = [usize::MAX, 77, 0, 64];
+    // Masked keys: -inf for the fully masked batch (a finite value there would make a
+    // uniform softmax, not zeros), the type's lowest finite value elsewhere.
+    let hidden = |spec: &MaskSpec| {
+        let low = lowest(spec);
+        move |b: usize| if b == 2 { f32::NEG_INFINITY } else { low }
+    };
+    for dtype in [DType::F16, DType::BF16] {
+        for d in [64, 128] {
+            for skv in [200, 384] {
+                let base = Case::plain(dtype, 4, 4, 2, 150, skv, d);
+                for spec in mask_kinds(dtype, &[4, 1, 1, skv as i64]) {
+                    let variants = [
+                        base.clone(),
+                        Case {
+                            causal: true,
+                            ..base.clone()
+                        },
+                        Case {
+                            causal: true,
+                            sq: skv,
+                            ..base.clone()
+                        },
+                        Case {
+                            window_left: 40,
+                            window_right: 8,
+                            ..base.clone()
+                        },
+                        Case {
+                            nonpad: true,
+                            ..base.clone()
+                        },
+                        Case {
+                            softcap: 12.0,
+                            ..base.clone()
+                        },
+                        Case {
+                            four_d: false,
+                            ..base.clone()
+                        },
+                    ];
+                    for mut c in variants {
+                        c.mask = spec.clone();
+                        let mut inp = make_inputs(&c, &mut rng);
+                        set_mask(
+                            &mut inp,
+                            &c,
+                            |b, _, _, k| k < lens[b],
+                            hidden(&spec),
+                            &mut rng,
+                        );
+                        check_inputs(&g, &c, inp, &mut rng);
+                    }
+                }
+            }
+        }
+    }
+    // Other head sizes (other tile shapes: 32-key blocks at D = 256), with causal and past.
+    for d in [32, 96, 192, 256] {
+        for spec in mask_kinds(DType::F16, &[4, 1, 1, 290]) {
+            let mut c = Case::plain(DType::F16, 4, 4, 4, 90, 200, d);
+            c.past = 90;
+            c.causal = true;
+            c.mask = spec.clone();
+            let mut inp = make_inputs(&c, &mut rng);
+            set_mask(
+                &mut inp,
+                &c,
+                |b, _, _, k| k < lens[b],
+                hidden(&spec),
+                &mut rng,
+            );
+            check_inputs(&g, &c, inp, &mut rng);
+        }
+    }
+    // One mask row for every batch: rank 1 [T] and [1, 1, 1, T], random and prefix patterns.
+    for shape in [vec![300i64], vec![1, 1, 1, 300]] {
+        for spec in mask_kinds(DType::BF16, &shape) {
+            let mut c = Case::plain(DType::BF16, 2, 4, 4, 130, 300, 64);
+            c.mask = spec.clone();
+            check(&g, &c, &mut rng);
+            let mut inp = make_inputs(&c, &mut rng);
+            set_mask(&mut inp, &c, |_, _, _, k| k < 250, hidden(&spec), &mut rng);
+            check_inputs(&g, &c, inp, &mut rng);
+        }
+    }
+    // Decode (16-row tiles, 3-stage pipeline) with a KV cache, and split-KV over long keys.
+    for spec in mask_kinds(DType::F16, &[4, 1, 1, 3001]) {
+        let mut c = Case::plain(DType::F16, 4, 16, 4, 1, 1, 128);
+        c.past = 3000;
+        c.mask = spec.clone();
+        let mut inp = make_inputs(&c, &mut rng);
+        let decode_lens = [3001, 1000, 0, 17];
+        set_mask(
+            &mut inp,
+            &c,
+            |b, _, _, k| k < decode_lens[b],
+            hidden(&spec),
+            &mut rng,
+        );
+        check_inputs(&g, &c, inp, &mut rng);
+    }
+    for spec in mask_kinds(DType::BF16, &[4, 1, 1, 9000]) {
+        let mut c = Case::plain(DType::BF16, 4, 8, 8, 2, 9000, 64);
+        c.mask = spec.clone();
+        let mut inp = make_inputs(&c, &mut rng);
+        let long_lens = [9000, 4321, 0, 8960];
+        set_mask(
+            &mut inp,
+            &c,
+            |b, _, _, k| k < long_lens[b],
+            hidden(&spec),
+            &mut rng,
+        );
+        check_inputs(&g, &c, inp, &mut rng);
+    }
+}
+
+/// Masks that vary per row ([B, 1, Sq, T], [B, H, Sq, T]; general path), with fully masked
+/// rows (zeros), causal and windows.
+#[test]
+fn cuda_per_row_masks() {
+    let Some(g) = gpu() else { return };
+    let mut rng = StdRng::seed_from_u64(31);
+    for dtype in [DType::F16, DType::BF16] {
+        for d in [64, 128] {
+            let base = Case::plain(dtype, 2, 8, 2, 100, 173, d);
+            for shape in [vec![2i64, 1, 100, 173], vec![2, 8, 100, 173]] {
+                for spec in mask_kinds(dtype, &shape) {
+                    for (causal, window_left) in [(false, -1), (true, -1), (true, 30)] {
+                        let mut c = Case {
+                            causal,
+                            window_left,
+                            ..base.clone()
+                        };
+                        c.mask = spec.clone();
+                        // Every 7th query row sees nothing; the rest a random ~80% of keys.
+                        let pattern: Vec<bool> = (0..2 * 8 * 100 * 173)
+                            .map(|_| rng.random_bool(0.8))
+                            .collect();
+                        let mut inp = make_inputs(&c, &mut rng);
+                        set_mask(
+                            &mut inp,
+                            &c,
+                            |b, h, i, k| i % 7 != 0 && pattern[((b * 8 + h) * 100 + i) * 173 + k],
+                            |_| f32::NEG_INFINITY,
+                            &mut rng,
+                        );
+                        check_inputs(&g, &c, inp, &mut rng);
+                    }
+                }
+            }
+        }
+    }
 }
