@@ -359,10 +359,16 @@ fn cuda_key_padding_masks() {
     // Keys kept per batch: all, a prefix ending inside a KV block, none (its rows give zeros),
     // a prefix ending on a 64-key block edge.
     let lens = [usize::MAX, 77, 0, 64];
-    // Masked keys: -inf for the fully masked batch (a finite value there would make a
-    // uniform softmax, not zeros), the type's lowest finite value elsewhere.
-    let hidden = |spec: &MaskSpec| {
-        let low = lowest(spec);
+    // Masked keys: the type's lowest finite value where each row keeps a visible key, else
+    // -inf: a row whose keys are all finitely masked gets a uniform softmax in fp32 (the scores
+    // vanish next to the bias) but the fp64 oracle keeps them. That is the fully masked batch,
+    // and with a window (rows whose window lies past their batch's prefix) every batch.
+    let hidden = |spec: &MaskSpec, c: &Case| {
+        let low = if c.window_left < 0 {
+            lowest(spec)
+        } else {
+            f32::NEG_INFINITY
+        };
         move |b: usize| if b == 2 { f32::NEG_INFINITY } else { low }
     };
     for dtype in [DType::F16, DType::BF16] {
@@ -406,7 +412,7 @@ fn cuda_key_padding_masks() {
                             &mut inp,
                             &c,
                             |b, _, _, k| k < lens[b],
-                            hidden(&spec),
+                            hidden(&spec, &c),
                             &mut rng,
                         );
                         check_inputs(&g, &c, inp, &mut rng);
@@ -427,7 +433,7 @@ fn cuda_key_padding_masks() {
                 &mut inp,
                 &c,
                 |b, _, _, k| k < lens[b],
-                hidden(&spec),
+                hidden(&spec, &c),
                 &mut rng,
             );
             check_inputs(&g, &c, inp, &mut rng);
@@ -440,7 +446,13 @@ fn cuda_key_padding_masks() {
             c.mask = spec.clone();
             check(&g, &c, &mut rng);
             let mut inp = make_inputs(&c, &mut rng);
-            set_mask(&mut inp, &c, |_, _, _, k| k < 250, hidden(&spec), &mut rng);
+            set_mask(
+                &mut inp,
+                &c,
+                |_, _, _, k| k < 250,
+                hidden(&spec, &c),
+                &mut rng,
+            );
             check_inputs(&g, &c, inp, &mut rng);
         }
     }
@@ -455,7 +467,7 @@ fn cuda_key_padding_masks() {
             &mut inp,
             &c,
             |b, _, _, k| k < decode_lens[b],
-            hidden(&spec),
+            hidden(&spec, &c),
             &mut rng,
         );
         check_inputs(&g, &c, inp, &mut rng);
@@ -469,7 +481,7 @@ fn cuda_key_padding_masks() {
             &mut inp,
             &c,
             |b, _, _, k| k < long_lens[b],
-            hidden(&spec),
+            hidden(&spec, &c),
             &mut rng,
         );
         check_inputs(&g, &c, inp, &mut rng);
