@@ -17,11 +17,15 @@ impl Isa {
     pub fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
-            // The task bodies are compiled with F16C too (fp16 tile conversion).
+            // The task bodies are compiled with F16C too (fp16 tile conversion); the AVX-512
+            // exponential uses AVX-512DQ's `vreduceps` (every AVX-512 Xeon has DQ).
             let avx2 = std::is_x86_feature_detected!("avx2")
                 && std::is_x86_feature_detected!("fma")
                 && std::is_x86_feature_detected!("f16c");
-            if avx2 && std::is_x86_feature_detected!("avx512f") {
+            if avx2
+                && std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512dq")
+            {
                 return Isa::Avx512;
             }
             if avx2 {
@@ -49,6 +53,19 @@ pub struct MatB<'a> {
     pub ld: usize,
 }
 
+/// Lines to pull into L2 while a GEMM runs (the next operand block, cold in L3 otherwise):
+/// `rows` rows of `len` floats from `off`, `rs` apart in `data`. The prefetches are spread
+/// over the GEMM's register tiles, a few per tile, so that they overlap the arithmetic instead
+/// of filling the miss queues at once.
+#[derive(Clone, Copy)]
+pub struct Prefetch<'a> {
+    pub data: &'a [f32],
+    pub off: usize,
+    pub rows: usize,
+    pub rs: usize,
+    pub len: usize,
+}
+
 fn internal(what: &str) -> Error {
     Error::Other(format!(
         "internal error in the CPU attention kernel: {what}"
@@ -60,6 +77,8 @@ fn internal(what: &str) -> Error {
 pub enum Init<'a> {
     /// `C = A·B`.
     Zero,
+    /// `C = C + A·B`.
+    Add,
     /// `C = diag(s)·C + A·B`: the FlashAttention rescale of the output accumulator by each
     /// row's `alpha`, folded into the load of C.
     Scaled(&'a [f32]),
@@ -81,6 +100,7 @@ pub fn gemm(
     ldc: usize,
     init: Init,
     col_max: Option<&mut [f32]>,
+    pf: Option<Prefetch>,
 ) -> Result<()> {
     if m == 0 || n == 0 {
         return Ok(());
@@ -106,7 +126,7 @@ pub fn gemm(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 if k > 0 => {
             // SAFETY: the CPU supports AVX-512F (detected); extents were checked above.
-            unsafe { avx512::gemm(m, n, k, a, b, c, ldc, init, col_max) }
+            unsafe { avx512::gemm(m, n, k, a, b, c, ldc, init, col_max, pf) }
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512 => {
@@ -180,6 +200,7 @@ fn gemm_portable(
                             .zip(acc_r)
                             .for_each(|(c, a)| *c = *c * s + a);
                     }
+                    Init::Add => crow.iter_mut().zip(acc_r).for_each(|(c, a)| *c += a),
                     Init::Zero => crow.copy_from_slice(&acc_r[..nr]),
                 }
             }
@@ -202,7 +223,7 @@ mod avx512 {
     //! loaded with a lane mask on the last vector (masked loads do not fault, so no padding is
     //! needed), A elements broadcast. MR ≤ 6 and NV ≤ 4 keep 24 accumulators + 4 B vectors +
     //! 1 broadcast within the 32 registers.
-    use super::{Init, MatA, MatB};
+    use super::{Init, MatA, MatB, Prefetch};
     use std::arch::x86_64::*;
 
     pub const MR: usize = 6;
@@ -220,28 +241,43 @@ mod avx512 {
         ldc: usize,
         init: Init,
         col_max: Option<&mut [f32]>,
+        pf: Option<Prefetch>,
     ) {
-        let scale = match init {
-            Init::Zero => std::ptr::null(),
-            Init::Scaled(s) => s.as_ptr(),
+        // Prefetch stream: cache lines per row, total lines, lines issued per register tile.
+        let (pf_row_lines, pf_lines, pf_per_tile) = match pf {
+            Some(p) if p.rows > 0 && p.len > 0 => {
+                let row_lines = p.len.div_ceil(16);
+                let lines = p.rows * row_lines;
+                let tiles = m.div_ceil(MR) * n.div_ceil(16 * NV);
+                (row_lines, lines, lines.div_ceil(tiles))
+            }
+            _ => (1, 0, 0),
+        };
+        let mut pf_next = 0;
+        let (load_c, scale) = match init {
+            Init::Zero => (false, std::ptr::null()),
+            Init::Add => (true, std::ptr::null()),
+            Init::Scaled(s) => (true, s.as_ptr()),
         };
         let cmax = col_max.map_or(std::ptr::null_mut(), |x| x.as_mut_ptr());
         let ap = a.data.as_ptr().add(a.off);
         let bp = b.data.as_ptr().add(b.off);
         let cp = c.as_mut_ptr();
-        let mut r0 = 0;
-        while r0 < m {
-            let mr = MR.min(m - r0);
-            let mut c0 = 0;
-            while c0 < n {
-                let cols = (16 * NV).min(n - c0);
-                let nv = cols.div_ceil(16);
-                let tail = cols - 16 * (nv - 1);
-                let last: __mmask16 = if tail == 16 {
-                    0xFFFF
-                } else {
-                    (1u16 << tail) - 1
-                };
+        // Column panels outer: one panel of B (k × 64 floats, 16 KiB for k = 64) stays in L1
+        // while every row tile of A streams past it.
+        let mut c0 = 0;
+        while c0 < n {
+            let cols = (16 * NV).min(n - c0);
+            let nv = cols.div_ceil(16);
+            let tail = cols - 16 * (nv - 1);
+            let last: __mmask16 = if tail == 16 {
+                0xFFFF
+            } else {
+                (1u16 << tail) - 1
+            };
+            let mut r0 = 0;
+            while r0 < m {
+                let mr = MR.min(m - r0);
                 let t = Tile {
                     k,
                     a: ap.add(r0 * a.rs),
@@ -252,6 +288,7 @@ mod avx512 {
                     c: cp.add(r0 * ldc + c0),
                     ldc,
                     last,
+                    load_c,
                     scale: if scale.is_null() {
                         scale
                     } else {
@@ -260,9 +297,20 @@ mod avx512 {
                     col_max: if cmax.is_null() { cmax } else { cmax.add(c0) },
                 };
                 dispatch(mr, nv, &t);
-                c0 += cols;
+                if let Some(p) = pf {
+                    for _ in 0..pf_per_tile.min(pf_lines - pf_next) {
+                        let (row, line) = (pf_next / pf_row_lines, pf_next % pf_row_lines);
+                        let at = p.off + row * p.rs + 16 * line;
+                        if at < p.data.len() {
+                            // SAFETY: in bounds (a hint anyway: prefetches never fault).
+                            _mm_prefetch::<_MM_HINT_T1>(p.data.as_ptr().add(at) as *const i8);
+                        }
+                        pf_next += 1;
+                    }
+                }
+                r0 += mr;
             }
-            r0 += mr;
+            c0 += cols;
         }
     }
 
@@ -276,7 +324,9 @@ mod avx512 {
         c: *mut f32,
         ldc: usize,
         last: __mmask16,
-        /// Per-row factors for C's old value, or null for C = A·B.
+        /// Whether C's old value is added (C += A·B) rather than overwritten.
+        load_c: bool,
+        /// Per-row factors for C's old value, or null for 1.
         scale: *const f32,
         /// Running column maxima to update, or null.
         col_max: *mut f32,
@@ -308,12 +358,16 @@ mod avx512 {
     unsafe fn kernel<const R: usize, const V: usize>(t: &Tile) {
         let mask = |v: usize| if v + 1 == V { t.last } else { 0xFFFF };
         let mut acc = [[_mm512_setzero_ps(); V]; R];
-        if !t.scale.is_null() {
+        if t.load_c {
             for (r, acc_r) in acc.iter_mut().enumerate() {
-                let s = _mm512_set1_ps(*t.scale.add(r));
                 for (v, x) in acc_r.iter_mut().enumerate() {
-                    let old = _mm512_maskz_loadu_ps(mask(v), t.c.add(r * t.ldc + 16 * v));
-                    *x = _mm512_mul_ps(old, s);
+                    *x = _mm512_maskz_loadu_ps(mask(v), t.c.add(r * t.ldc + 16 * v));
+                }
+                if !t.scale.is_null() {
+                    let s = _mm512_set1_ps(*t.scale.add(r));
+                    for x in acc_r.iter_mut() {
+                        *x = _mm512_mul_ps(*x, s);
+                    }
                 }
             }
         }
@@ -404,8 +458,24 @@ mod tests {
             let halves = vec![0.5f32; m];
             for isa in isas {
                 let mut c = vec![1.0f32; m * ldc];
-                gemm(isa, m, n, k, ma, mb, &mut c, ldc, Init::Scaled(&ones), None).unwrap();
+                gemm(
+                    isa,
+                    m,
+                    n,
+                    k,
+                    ma,
+                    mb,
+                    &mut c,
+                    ldc,
+                    Init::Scaled(&ones),
+                    None,
+                    None,
+                )
+                .unwrap();
                 assert_eq!(c, want, "{isa:?} {m}x{n}x{k}");
+                let mut c = vec![1.0f32; m * ldc];
+                gemm(isa, m, n, k, ma, mb, &mut c, ldc, Init::Add, None, None).unwrap();
+                assert_eq!(c, want, "{isa:?} {m}x{n}x{k} add");
                 let mut c = vec![2.0f32; m * ldc];
                 gemm(
                     isa,
@@ -417,6 +487,7 @@ mod tests {
                     &mut c,
                     ldc,
                     Init::Scaled(&halves),
+                    None,
                     None,
                 )
                 .unwrap();
@@ -438,6 +509,7 @@ mod tests {
                     ldc,
                     Init::Zero,
                     Some(&mut cm),
+                    None,
                 )
                 .unwrap();
                 for r in 0..m {
@@ -476,9 +548,9 @@ mod tests {
             ld: 2,
         };
         let z = Init::Zero;
-        assert!(gemm(Isa::detect(), 2, 2, 2, ma, mb, &mut c, 2, z, None).is_ok());
-        assert!(gemm(Isa::detect(), 3, 2, 2, ma, mb, &mut c, 2, z, None).is_err());
-        assert!(gemm(Isa::detect(), 2, 2, 3, ma, mb, &mut c, 2, z, None).is_err());
+        assert!(gemm(Isa::detect(), 2, 2, 2, ma, mb, &mut c, 2, z, None, None).is_ok());
+        assert!(gemm(Isa::detect(), 3, 2, 2, ma, mb, &mut c, 2, z, None, None).is_err());
+        assert!(gemm(Isa::detect(), 2, 2, 3, ma, mb, &mut c, 2, z, None, None).is_err());
         let short = [1.0f32];
         assert!(gemm(
             Isa::detect(),
@@ -490,6 +562,7 @@ mod tests {
             &mut c,
             2,
             Init::Scaled(&short),
+            None,
             None
         )
         .is_err());

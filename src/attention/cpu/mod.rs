@@ -2,13 +2,16 @@
 //! fanned out over (batch, KV head, query-row block) tasks through [`ParallelFor`].
 //!
 //! Design, per task (see [`tile`]): the task's query rows — all query heads sharing one KV head,
-//! so GQA/MQA read each K/V block once for the whole group — are packed once as `Qᵀ` (scaled,
-//! f32). For each block of keys the kernel computes the transposed scores `Sᵀ = K·Qᵀ` with a
-//! register-blocked GEMM ([`gemm`]) reading K in place, applies softcap and masks (only on blocks
-//! that straddle a causal/window/padding boundary, plus `attn_mask` when given), updates the
-//! running max and sum per query in fp32 ([`softmax`]), rescales the output accumulator and adds
-//! `P·V`, again with the GEMM reading V in place. One normalization at the end; no buffer larger
-//! than a tile. fp16/bf16 blocks are widened to f32 tiles first.
+//! so GQA/MQA read each K/V block once for the whole group — are packed once as `Qᵀ`, scaled by
+//! `scale·log2 e` so that scores come out in log2 units. For each block of keys the kernel
+//! computes the transposed scores `Sᵀ = K·Qᵀ` with a register-blocked GEMM ([`gemm`]) reading K
+//! in place (and taking the block's column maxima while the scores are in registers), applies
+//! softcap and masks (only on blocks that straddle a causal/window/padding boundary, plus
+//! `attn_mask` when given), updates the running max and sum per query in fp32 with `2^x`
+//! ([`softmax`]), rescales the output accumulator only when some query's max moved, and adds
+//! `P·V`, again with the GEMM reading V in place. Each GEMM prefetches the other operand's next
+//! block into L2. One normalization at the end; no buffer larger than a tile. fp16/bf16 blocks
+//! are widened to f32 tiles first.
 
 mod convert;
 mod gemm;
@@ -23,9 +26,17 @@ use half::{bf16, f16};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 
-/// Query rows per task. 64 rows amortize the K/V reads over enough FMAs while `Qᵀ`, the score
-/// tile and the output accumulator stay in L2 (Sapphire Rapids, 2 MB L2 per core).
-const BLOCK_ROWS: usize = 64;
+/// Query rows per task, at most. Each K/V block (64 keys × D = 64, 32 KiB in f32) comes from L3
+/// once per task and feeds 4·rows·64·64 flops; at 64 rows the blocks' misses cost ~15 % of the
+/// GEMM time (Sapphire Rapids, 2 MiB L2 per core, S = 4096: one head's K and V fill L2), at
+/// 256 rows a quarter of that, while `Qᵀ`, `Sᵀ` and the output accumulator (64 KiB each)
+/// still sit in L2.
+const MAX_BLOCK_ROWS: usize = 256;
+/// Query rows per task, at least (unless the problem has fewer).
+const MIN_BLOCK_ROWS: usize = 64;
+/// Tasks a call is cut into, at least where rows allow: enough to keep a pool busy and even
+/// out unequal tasks (causal), before tiles shrink towards [`MIN_BLOCK_ROWS`].
+const MIN_TASKS: usize = 16;
 /// Keys per block: the score tile is `BLOCK_KEYS × BLOCK_ROWS` f32.
 const BLOCK_KEYS: usize = 64;
 
@@ -47,10 +58,15 @@ impl Plan {
     pub fn new(p: &AttentionProblem, isa: Isa) -> Plan {
         let group = p.group_size();
         let rows = p.q_len * group;
-        let row_blocks = rows.div_ceil(BLOCK_ROWS);
+        let units = p.batch * p.kv_heads;
+        let mut block_rows = MAX_BLOCK_ROWS;
+        while block_rows > MIN_BLOCK_ROWS && units * rows.div_ceil(block_rows) < MIN_TASKS {
+            block_rows /= 2;
+        }
+        let row_blocks = rows.div_ceil(block_rows);
         Plan {
             isa,
-            block_rows: BLOCK_ROWS,
+            block_rows,
             block_keys: BLOCK_KEYS,
             group,
             row_blocks,

@@ -1,23 +1,22 @@
 //! The element-wise half of FlashAttention-2 on a transposed score tile `Sᵀ` (keys × queries,
-//! row stride `ld`): softcap, masks, the running max / sum update and the exponentials. Written
-//! as plain loops over query columns so LLVM vectorizes them with the caller's target features.
+//! row stride `ld`): softcap, masks, the running max / sum update and the exponentials. Scores
+//! arrive in log2 units (the kernel folds `scale·log2 e` into Q), so the exponential is `2^x`.
+//! Plain loops over query columns so LLVM vectorizes them with the caller's target features,
+//! and an AVX-512 form.
 
-/// `e^x` for `x ≤ 0` (including −∞, which gives exactly 0), branch-free so loops vectorize.
-/// Relative error about 2 ulp: Cody–Waite reduction `x = n·ln2 + r`, |r| ≤ ln2/2, a degree-7
-/// Taylor polynomial for `e^r`, and `2^n` built in the exponent bits.
+/// `2^x` for `x ≤ 0` (including −∞, which gives exactly 0), branch-free so loops vectorize.
+/// Relative error about 2 ulp: `x = n + f`, |f| ≤ ½, a degree-7 Taylor polynomial for
+/// `e^(f·ln 2)`, and `2^n` built in the exponent bits.
 #[inline(always)]
-pub fn exp_nonpos(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
+pub fn exp2_nonpos(x: f32) -> f32 {
     // 1.5·2^23: adding it rounds to an integer held in the low mantissa bits.
     const MAGIC: f32 = 12_582_912.0;
-    let xc = x.max(-87.0);
-    let y = xc.mul_add(LOG2E, MAGIC);
+    let xc = x.max(-125.0);
+    let y = xc + MAGIC;
     let n = y - MAGIC;
     let ni = (y.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
-    // mul_add becomes one FMA instruction in the AVX2/AVX-512 instantiations.
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, xc));
+    // Exact: n is the integer nearest to xc, and |xc| < 2^23.
+    let r = (xc - n) * std::f32::consts::LN_2;
     let mut p: f32 = 1.0 / 5040.0;
     p = p.mul_add(r, 1.0 / 720.0);
     p = p.mul_add(r, 1.0 / 120.0);
@@ -26,11 +25,11 @@ pub fn exp_nonpos(x: f32) -> f32 {
     p = p.mul_add(r, 0.5);
     p = p.mul_add(r, 1.0);
     p = p.mul_add(r, 1.0);
-    // n ∈ [-126, 0]: the biased exponent stays in 1..=127, a normal number.
+    // n ∈ [-125, 0]: the biased exponent stays in 2..=127, a normal number.
     let scale = f32::from_bits(((ni + 127) as u32) << 23);
     let v = p * scale;
-    // Below −87 the true value is under f32's smallest normal; masked keys (−∞) must give 0.
-    if x < -87.0 {
+    // Below −125 the true value is close to f32's smallest normal; masked keys (−∞) must give 0.
+    if x < -125.0 {
         0.0
     } else {
         v
@@ -54,6 +53,9 @@ pub struct RowState {
     pub m: Vec<f32>,
     pub l: Vec<f32>,
     pub alpha: Vec<f32>,
+    /// What the last update subtracted from each column's scores (the max, or 0 where no key
+    /// was visible yet).
+    m_ref: Vec<f32>,
 }
 
 impl RowState {
@@ -63,22 +65,27 @@ impl RowState {
             m: vec![f32::NEG_INFINITY; cols],
             l: vec![0.0; cols],
             alpha: vec![1.0; cols],
+            m_ref: vec![0.0; cols],
         }
     }
 
-    /// Turns the scores of one key block (`keys` rows of `st`, `ld` query columns, `ld` a
-    /// multiple of [`LANES`]) into probabilities relative to the updated running max, and
-    /// updates `l` and `alpha` (the factor the caller applies to its output accumulator).
+    /// Turns the scores of one key block (`keys` rows of `st`, row stride `ld`, the first
+    /// `cols` columns, a multiple of [`LANES`]) into probabilities relative to the updated
+    /// running max, and updates `l` and `alpha` (the factor the caller applies to its output
+    /// accumulator). Returns whether some column's max moved from a finite value, i.e. whether
+    /// the accumulator needs that rescale at all (otherwise every `alpha` of a column that had
+    /// seen a key is 1, and the others scale an accumulator that is still 0).
     /// Works on 16 query columns at a time so that maxima and sums stay in registers.
     #[inline(always)]
-    pub fn update(&mut self, st: &mut [f32], ld: usize, keys: usize) {
-        for c0 in (0..ld).step_by(LANES) {
+    pub fn update(&mut self, st: &mut [f32], ld: usize, cols: usize, keys: usize) -> bool {
+        let mut moved = false;
+        for c0 in (0..cols).step_by(LANES) {
             let (Some(m), Some(l), Some(alpha)) = (
                 self.m.get_mut(c0..c0 + LANES),
                 self.l.get_mut(c0..c0 + LANES),
                 self.alpha.get_mut(c0..c0 + LANES),
             ) else {
-                return;
+                return true;
             };
             let mut bm = [f32::NEG_INFINITY; LANES];
             for row in st.chunks(ld).take(keys) {
@@ -90,13 +97,14 @@ impl RowState {
             let mut m_ref = [0.0f32; LANES];
             for q in 0..LANES {
                 let m_new = fmax(m[q], bm[q]);
+                moved |= m_new > m[q] && m[q] > f32::NEG_INFINITY;
                 // Where nothing is visible yet, subtract 0 so that −∞ − m_ref stays −∞.
                 m_ref[q] = if m_new == f32::NEG_INFINITY {
                     0.0
                 } else {
                     m_new
                 };
-                alpha[q] = exp_nonpos(m[q] - m_ref[q]);
+                alpha[q] = exp2_nonpos(m[q] - m_ref[q]);
                 m[q] = m_new;
             }
             let mut sum = [0.0f32; LANES];
@@ -105,7 +113,7 @@ impl RowState {
                     continue;
                 };
                 for ((x, &mr), acc) in s.iter_mut().zip(&m_ref).zip(sum.iter_mut()) {
-                    let e = exp_nonpos(*x - mr);
+                    let e = exp2_nonpos(*x - mr);
                     *x = e;
                     *acc += e;
                 }
@@ -114,62 +122,56 @@ impl RowState {
                 l[q] = l[q] * alpha[q] + sum[q];
             }
         }
+        moved
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 impl RowState {
-    /// [`RowState::update`] with AVX-512 intrinsics: `e^x = 2^n · p(f)` with `n` from
-    /// `vrndscaleps`, a degree-6 polynomial for `2^f` (|f| ≤ ½, fitted for relative error
-    /// 1e-7) and `vscalefps` for `2^n`, about 14 instructions per 16 scores against 22 for the
-    /// portable form.
+    /// [`RowState::update`] with AVX-512 intrinsics: `2^x = 2^⌊x⌋ · p(x − ⌊x⌋)` with the
+    /// fraction from one `vreduceps`, a degree-5 polynomial for `2^f` on [0, 1) (relative error
+    /// 1.5e-7 in f32) and `vscalefps` for `2^⌊x⌋`: 9 vector instructions per 16 scores (with
+    /// the subtraction of the max and the running sum), against 13 for the round/subtract/
+    /// degree-6 form this replaced. Walks each key row across 64 query columns at a time, so
+    /// four independent exponentials are in flight and memory is read in row order.
     ///
     /// `block_max`, when given, is the per-column maximum of this block's scores (taken by
-    /// the GEMM while the scores were in registers); otherwise it is computed here.
+    /// the GEMM while the scores were in registers); otherwise it is computed here. `finite`
+    /// promises that no score is ±∞ (no mask, softcap or boundary applied to this block),
+    /// which drops the clamp that turns −∞ into an exact 0.
     ///
     /// # Safety
-    /// The CPU must support AVX-512F. (Shapes are checked: `ld` a multiple of [`LANES`], `st`
-    /// holding `keys` rows of `ld`, the state and `block_max` `ld` columns; otherwise this
-    /// falls back to the portable update.)
-    #[target_feature(enable = "avx512f,avx2,fma")]
+    /// The CPU must support AVX-512F and AVX-512DQ. (Shapes are checked: `cols` a multiple of
+    /// [`LANES`] and at most `ld`, `st` holding `keys` rows of `ld`, the state and `block_max`
+    /// `cols` columns; otherwise this falls back to the portable update.)
+    #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
     pub unsafe fn update_avx512(
         &mut self,
         st: &mut [f32],
         ld: usize,
+        cols: usize,
         keys: usize,
         block_max: Option<&[f32]>,
-    ) {
+        finite: bool,
+    ) -> bool {
         use std::arch::x86_64::*;
-        if !ld.is_multiple_of(LANES)
-            || st.len() < keys * ld
-            || self.m.len() < ld
-            || self.l.len() < ld
-            || self.alpha.len() < ld
-            || block_max.is_some_and(|b| b.len() < ld)
+        if !cols.is_multiple_of(LANES)
+            || cols > ld
+            || (keys > 0 && st.len() < (keys - 1) * ld + cols)
+            || self.m.len() < cols
+            || self.l.len() < cols
+            || self.alpha.len() < cols
+            || self.m_ref.len() < cols
+            || block_max.is_some_and(|b| b.len() < cols)
         {
-            return self.update(st, ld, keys);
+            return self.update(st, ld, cols, keys);
         }
-        let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
-        // Below 2^-200 every f32 is 0: clamping there also turns −∞ into an exact 0 without
-        // producing NaN in f = t − round(t).
-        let lowest = _mm512_set1_ps(-200.0);
-        let c = EXP2_POLY.map(|x| _mm512_set1_ps(x));
-        let exp = |x: __m512| -> __m512 {
-            let t = _mm512_max_ps(_mm512_mul_ps(x, log2e), lowest);
-            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
-            let f = _mm512_sub_ps(t, n);
-            let mut p = c[6];
-            p = _mm512_fmadd_ps(p, f, c[5]);
-            p = _mm512_fmadd_ps(p, f, c[4]);
-            p = _mm512_fmadd_ps(p, f, c[3]);
-            p = _mm512_fmadd_ps(p, f, c[2]);
-            p = _mm512_fmadd_ps(p, f, c[1]);
-            p = _mm512_fmadd_ps(p, f, c[0]);
-            _mm512_scalef_ps(p, n)
-        };
         let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
         let base = st.as_mut_ptr();
-        for c0 in (0..ld).step_by(LANES) {
+        let mut moved: __mmask16 = 0;
+        // Per 16 columns: the new max, alpha, the reference subtracted from the scores, and
+        // l scaled by alpha (the block's sum is added below).
+        for c0 in (0..cols).step_by(LANES) {
             let bm = match block_max {
                 Some(b) => _mm512_loadu_ps(b.as_ptr().add(c0)),
                 None => {
@@ -182,35 +184,112 @@ impl RowState {
             };
             let m_old = _mm512_loadu_ps(self.m.as_ptr().add(c0));
             let m_new = _mm512_max_ps(m_old, bm);
+            moved |= _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m_new, m_old)
+                & _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(m_old, neg_inf);
             // Where nothing is visible yet, subtract 0 so that −∞ − m_ref stays −∞.
             let unset = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(m_new, neg_inf);
             let m_ref = _mm512_mask_mov_ps(m_new, unset, _mm512_setzero_ps());
-            let alpha = exp(_mm512_sub_ps(m_old, m_ref));
+            // m_old may be −∞ (first block): clamped.
+            let alpha = exp2_avx512::<true>(_mm512_sub_ps(m_old, m_ref));
             _mm512_storeu_ps(self.m.as_mut_ptr().add(c0), m_new);
+            _mm512_storeu_ps(self.m_ref.as_mut_ptr().add(c0), m_ref);
             _mm512_storeu_ps(self.alpha.as_mut_ptr().add(c0), alpha);
-            let mut sum = _mm512_setzero_ps();
-            for j in 0..keys {
-                let ptr = base.add(j * ld + c0);
-                let e = exp(_mm512_sub_ps(_mm512_loadu_ps(ptr), m_ref));
-                _mm512_storeu_ps(ptr, e);
-                sum = _mm512_add_ps(sum, e);
-            }
             let lp = self.l.as_mut_ptr().add(c0);
-            _mm512_storeu_ps(lp, _mm512_fmadd_ps(_mm512_loadu_ps(lp), alpha, sum));
+            _mm512_storeu_ps(lp, _mm512_mul_ps(_mm512_loadu_ps(lp), alpha));
         }
+        let (mref, l) = (self.m_ref.as_ptr(), self.l.as_mut_ptr());
+        let mut c0 = 0;
+        while c0 < cols {
+            let nv = ((cols - c0) / LANES).min(4);
+            match (nv, finite) {
+                (4, true) => exp_rows::<4, false>(base, ld, keys, c0, mref, l),
+                (4, false) => exp_rows::<4, true>(base, ld, keys, c0, mref, l),
+                (3, true) => exp_rows::<3, false>(base, ld, keys, c0, mref, l),
+                (3, false) => exp_rows::<3, true>(base, ld, keys, c0, mref, l),
+                (2, true) => exp_rows::<2, false>(base, ld, keys, c0, mref, l),
+                (2, false) => exp_rows::<2, true>(base, ld, keys, c0, mref, l),
+                (_, true) => exp_rows::<1, false>(base, ld, keys, c0, mref, l),
+                (_, false) => exp_rows::<1, true>(base, ld, keys, c0, mref, l),
+            }
+            c0 += nv * LANES;
+        }
+        moved != 0
     }
 }
 
-/// `2^f ≈ Σ c_k f^k` on |f| ≤ ½: weighted least-squares fit, max relative error 9.7e-8 when
-/// evaluated in f32 (Horner, FMA).
-const EXP2_POLY: [f32; 7] = [
+/// `2^x` on 16 lanes for `x ≤ 0`: `⌊x⌋` rides in `vscalefps` (which scales by `2^⌊src⌋`),
+/// `vreduceps` gives `x − ⌊x⌋ ∈ [0, 1)`. With `CLAMP`, −∞ (and anything below −200) gives an
+/// exact 0; without, `x` must be finite.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
+#[inline]
+unsafe fn exp2_avx512<const CLAMP: bool>(
+    x: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let x = if CLAMP {
+        _mm512_max_ps(x, _mm512_set1_ps(-200.0))
+    } else {
+        x
+    };
+    // imm8: 0 fraction bits kept, round down, suppress the precision exception.
+    let f = _mm512_reduce_ps::<0x09>(x);
+    let mut p = _mm512_set1_ps(EXP2_POLY[5]);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[4]));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[3]));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[2]));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[1]));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[0]));
+    _mm512_scalef_ps(p, x)
+}
+
+/// `st[j][c0 + c] ← 2^(st[j][c0 + c] − m_ref[c0 + c])` for every key row `j < keys` and
+/// `c < 16·V`, adding each column's sum of the results to `l`.
+///
+/// # Safety
+/// AVX-512F/DQ; `base` holds `keys` rows of stride `ld` covering columns `c0..c0 + 16·V`,
+/// and `m_ref` and `l` cover those columns.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
+#[inline]
+unsafe fn exp_rows<const V: usize, const CLAMP: bool>(
+    base: *mut f32,
+    ld: usize,
+    keys: usize,
+    c0: usize,
+    m_ref: *const f32,
+    l: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let mut mr = [_mm512_setzero_ps(); V];
+    let mut sum = [_mm512_setzero_ps(); V];
+    for (v, x) in mr.iter_mut().enumerate() {
+        *x = _mm512_loadu_ps(m_ref.add(c0 + LANES * v));
+    }
+    for j in 0..keys {
+        let row = base.add(j * ld + c0);
+        for v in 0..V {
+            let ptr = row.add(LANES * v);
+            let e = exp2_avx512::<CLAMP>(_mm512_sub_ps(_mm512_loadu_ps(ptr), mr[v]));
+            _mm512_storeu_ps(ptr, e);
+            sum[v] = _mm512_add_ps(sum[v], e);
+        }
+    }
+    for (v, s) in sum.iter().enumerate() {
+        let lp = l.add(c0 + LANES * v);
+        _mm512_storeu_ps(lp, _mm512_add_ps(_mm512_loadu_ps(lp), *s));
+    }
+}
+
+/// `2^f ≈ Σ c_k f^k` on [0, 1), `c_0 = 1` exactly (so `2^0` is exactly 1): fitted for relative
+/// error (8e-8 in exact arithmetic, 1.5e-7 evaluated in f32 by Horner with FMA).
+const EXP2_POLY: [f32; 6] = [
     1.0,
-    std::f32::consts::LN_2,
-    0.240_226_46,
-    0.055_503_286,
-    0.009_618_489,
-    0.001_339_993_1,
-    0.000_153_458_17,
+    0.693_151_3,
+    0.240_164_46,
+    0.055_799_87,
+    0.009_017_092,
+    0.001_867_100_6,
 ];
 
 /// Query columns processed together: one AVX-512 register of f32.
@@ -242,15 +321,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn exp_is_accurate_and_exact_at_the_ends() {
-        assert_eq!(exp_nonpos(0.0), 1.0);
-        assert_eq!(exp_nonpos(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_nonpos(-1000.0), 0.0);
+    fn exp2_is_accurate_and_exact_at_the_ends() {
+        assert_eq!(exp2_nonpos(0.0), 1.0);
+        assert_eq!(exp2_nonpos(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp2_nonpos(-1000.0), 0.0);
         let mut worst = 0.0f64;
-        let mut x = -87.0f32;
+        let mut x = -125.0f32;
         while x <= 0.0 {
-            let got = exp_nonpos(x) as f64;
-            let want = (x as f64).exp();
+            let got = exp2_nonpos(x) as f64;
+            let want = (x as f64).exp2();
             worst = worst.max(((got - want) / want).abs());
             x += 0.000_731;
         }
@@ -258,39 +337,91 @@ mod tests {
     }
 
     #[test]
+    fn avx512_exp2_is_accurate_and_exact_at_the_ends() {
+        if Isa::detect() != Isa::Avx512 {
+            return;
+        }
+        use std::arch::x86_64::*;
+        let one = |x: f32, clamp: bool| -> f32 {
+            let mut out = [0.0f32; LANES];
+            // SAFETY: AVX-512F/DQ detected above.
+            unsafe {
+                let v = _mm512_set1_ps(x);
+                let e = if clamp {
+                    exp2_avx512::<true>(v)
+                } else {
+                    exp2_avx512::<false>(v)
+                };
+                _mm512_storeu_ps(out.as_mut_ptr(), e);
+            }
+            out[0]
+        };
+        assert_eq!(one(0.0, false), 1.0);
+        assert_eq!(one(f32::NEG_INFINITY, true), 0.0);
+        assert_eq!(one(-1000.0, true), 0.0);
+        assert_eq!(one(-1e30, false), 0.0);
+        let mut worst = 0.0f64;
+        let mut x = -126.0f32;
+        while x <= 0.0 {
+            let want = (x as f64).exp2();
+            for clamp in [false, true] {
+                let got = one(x, clamp) as f64;
+                worst = worst.max(((got - want) / want).abs());
+            }
+            x += 0.000_731;
+        }
+        assert!(worst < 2.5e-7, "worst relative error {worst}");
+    }
+
+    #[test]
     fn avx512_update_matches_portable() {
         if Isa::detect() != Isa::Avx512 {
             return;
         }
-        let (ld, keys) = (32, 7);
-        let mut st: Vec<f32> = (0..ld * keys)
-            .map(|i| match i % 11 {
-                0 => f32::NEG_INFINITY,
-                k => (k as f32 - 5.0) * 1.7,
-            })
-            .collect();
-        // Column 3 fully masked.
-        for j in 0..keys {
-            st[j * ld + 3] = f32::NEG_INFINITY;
-        }
-        let scores = st.clone();
-        let (mut a, mut b) = (RowState::new(ld), RowState::new(ld));
-        // Two blocks in a row: the second exercises alpha and the running sums.
-        for round in 0..2 {
-            st.copy_from_slice(&scores);
-            st.iter_mut().for_each(|x| *x += round as f32);
-            let mut st2 = st.clone();
-            a.update(&mut st, ld, keys);
-            // SAFETY: AVX-512 detected above.
-            unsafe { b.update_avx512(&mut st2, ld, keys, None) };
-            for (x, y) in st.iter().zip(&st2).chain(a.l.iter().zip(&b.l)) {
-                // Probabilities are ≤ 1: small ones may differ by more ulps (x·log2e rounding).
-                assert!((x - y).abs() <= 4e-7 * x.abs() + 1e-8, "{x} vs {y}");
+        // (row stride, columns): 4-vector groups with a 1-vector tail, and a 3-vector group.
+        for (ld, cols) in [(96, 80), (48, 48)] {
+            let keys = 7;
+            let mut st: Vec<f32> = (0..ld * keys)
+                .map(|i| match i % 11 {
+                    0 => f32::NEG_INFINITY,
+                    k => (k as f32 - 5.0) * 1.7,
+                })
+                .collect();
+            // Column 3 fully masked.
+            for j in 0..keys {
+                st[j * ld + 3] = f32::NEG_INFINITY;
             }
-            assert_eq!(st2[3], 0.0);
-            assert_eq!(b.l[3], 0.0);
-            assert_eq!(a.m, b.m);
-            assert!(b.alpha.iter().all(|x| x.is_finite()));
+            let scores = st.clone();
+            let (mut a, mut b) = (RowState::new(ld), RowState::new(ld));
+            // Two blocks in a row: the second exercises alpha and the running sums.
+            for round in 0..2 {
+                st.copy_from_slice(&scores);
+                st.iter_mut().for_each(|x| *x += round as f32);
+                let input = st.clone();
+                let mut st2 = st.clone();
+                let moved_a = a.update(&mut st, ld, cols, keys);
+                // SAFETY: AVX-512 detected above.
+                let moved_b = unsafe { b.update_avx512(&mut st2, ld, cols, keys, None, false) };
+                assert_eq!(moved_a, round == 1);
+                assert_eq!(moved_b, round == 1);
+                for j in 0..keys {
+                    for c in 0..ld {
+                        let (x, y) = (st[j * ld + c], st2[j * ld + c]);
+                        if c >= cols {
+                            assert_eq!(y.to_bits(), input[j * ld + c].to_bits(), "untouched");
+                            continue;
+                        }
+                        assert!((x - y).abs() <= 4e-7 * x.abs() + 1e-8, "{x} vs {y}");
+                    }
+                }
+                for (x, y) in a.l.iter().zip(&b.l).take(cols) {
+                    assert!((x - y).abs() <= 4e-7 * x.abs() + 1e-8, "{x} vs {y}");
+                }
+                assert_eq!(st2[3], 0.0);
+                assert_eq!(b.l[3], 0.0);
+                assert_eq!(a.m[..cols], b.m[..cols]);
+                assert!(b.alpha.iter().all(|x| x.is_finite()));
+            }
         }
     }
 
@@ -303,11 +434,12 @@ mod tests {
         st[1] = 1.0;
         st[17] = 3.0;
         let mut rs = RowState::new(16);
-        rs.update(&mut st, 16, 2);
+        rs.update(&mut st, 16, 16, 2);
         assert_eq!(st[0], 0.0);
         assert_eq!(st[16], 0.0);
         assert_eq!(rs.l[0], 0.0);
-        assert!((rs.l[1] - (1.0 + (-2.0f32).exp())).abs() < 1e-6);
+        // Scores are in log2 units.
+        assert!((rs.l[1] - 1.25).abs() < 1e-6);
         assert!(rs.alpha.iter().all(|a| a.is_finite()));
     }
 }

@@ -2,7 +2,7 @@
 //! group) against every visible block of keys, FlashAttention-2 style.
 
 use super::convert::{load_mask_row, load_row};
-use super::gemm::{gemm, Init, Isa, MatA, MatB};
+use super::gemm::{gemm, Init, Isa, MatA, MatB, Prefetch};
 use super::softmax::{softcap, RowState, LANES};
 use super::{OutPtr, Plan};
 use crate::attention::{AttentionProblem, CpuInputs, Elems};
@@ -30,7 +30,7 @@ pub fn run(
 // The same body compiled per instruction set, so the element-wise loops (exp, max, sums,
 // conversions) are vectorized for the widest registers available.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512dq,avx2,fma,f16c")]
 unsafe fn run_avx512(
     plan: &Plan,
     p: &AttentionProblem,
@@ -171,18 +171,24 @@ fn run_impl(
         (Some(&lo), Some(&hi)) if hi > lo => (lo, hi),
         _ => return write_out(p, &rows, &s.o, &[], out),
     };
-    // Row stride of Qᵀ and Sᵀ, rounded up to whole 16-lane vectors.
-    let ld = n.next_multiple_of(LANES);
+    // Query columns computed: whole 16-lane vectors (the zero columns of Qᵀ past `n` give
+    // harmless zero scores). The row stride of Qᵀ and Sᵀ is an odd number of vectors, so that
+    // walking a column (the GEMMs do, k rows apart) touches every L1 set rather than the few a
+    // multiple of 1 KiB would.
+    let cols = n.next_multiple_of(LANES);
+    let ld = cols | LANES;
     s.qt = Aligned::new(d * ld, 0.0);
     s.st = Aligned::new(bc * ld, 0.0);
     s.block_max = vec![f32::NEG_INFINITY; ld];
     let qs = p.q_strides;
     let qt: &mut [f32] = &mut s.qt;
+    // Scores in log2 units: the softmax then needs 2^x, and the scale costs nothing per score.
+    let q_scale = p.scale * std::f32::consts::LOG2_E;
     for (r, &(h, i)) in rows.head_pos.iter().enumerate() {
         let row = &mut s.row[..d];
         load_row(inp.q, b * qs[0] + h * qs[1] + i * qs[2], qs[3], row);
         for (col, &x) in qt.iter_mut().skip(r).step_by(ld).zip(row.iter()) {
-            *col = x * p.scale;
+            *col = x * q_scale;
         }
     }
     let (ks, vs) = (inp.k_strides, inp.v_strides);
@@ -236,7 +242,6 @@ fn run_impl(
         let plain = p.softcap == 0.0 && !boundary && p.mask.is_none() && plan.isa == Isa::Avx512;
         s.block_max.fill(f32::NEG_INFINITY);
         let col_max = plain.then_some(&mut s.block_max[..]);
-        // All `ld` columns: the padding columns of Qᵀ are zero, so their scores are too.
         let qt = MatB {
             data: &s.qt,
             off: 0,
@@ -245,7 +250,7 @@ fn run_impl(
         gemm(
             plan.isa,
             nk,
-            ld,
+            cols,
             d,
             a,
             qt,
@@ -253,9 +258,18 @@ fn run_impl(
             ld,
             Init::Zero,
             col_max,
+            // This block's V, needed next by the P·V product.
+            v_direct.map(|v| Prefetch {
+                data: v,
+                off: b * vs[0] + kvh * vs[1] + j0 * vs[2],
+                rows: nk,
+                rs: vs[2],
+                len: dv,
+            }),
         )?;
         if p.softcap > 0.0 {
-            softcap(&mut s.st, ld, nk, n, p.softcap);
+            // c·tanh(s/c) in log2 units is (c·log2 e)·tanh(s'/(c·log2 e)) for s' = s·log2 e.
+            softcap(&mut s.st, ld, nk, n, p.softcap * std::f32::consts::LOG2_E);
         }
         if boundary {
             for r in 0..n {
@@ -273,19 +287,21 @@ fn run_impl(
                 let off = b * ms[0] + h * ms[1] + i * ms[2] + j0 * ms[3];
                 load_mask_row(mask, off, ms[3], terms);
                 for (j, &m) in terms.iter().enumerate() {
-                    s.st[j * ld + r] += m;
+                    s.st[j * ld + r] += m * std::f32::consts::LOG2_E;
                 }
             }
         }
-        match plan.isa {
+        // Every score finite: no −∞ from masks or boundaries to clamp.
+        let finite = !boundary && p.mask.is_none();
+        let moved = match plan.isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => {
                 let bm = plain.then_some(&s.block_max[..]);
                 // SAFETY: the plan names AVX-512 only when the CPU has it.
-                unsafe { state.update_avx512(&mut s.st, ld, nk, bm) }
+                unsafe { state.update_avx512(&mut s.st, ld, cols, nk, bm, finite) }
             }
-            _ => state.update(&mut s.st, ld, nk),
-        }
+            _ => state.update(&mut s.st, ld, cols, nk),
+        };
         let v_off = b * vs[0] + kvh * vs[1] + j0 * vs[2];
         let bmat = match v_direct {
             Some(v) => MatB {
@@ -315,9 +331,27 @@ fn run_impl(
             rs: 1,
             ks: ld,
         };
-        // O ← diag(alpha)·O + P·V: the rescale rides on the accumulator load.
-        let alpha = Init::Scaled(&state.alpha);
-        gemm(plan.isa, n, dv, nk, pt, bmat, &mut s.o, dv, alpha, None)?;
+        // O ← diag(alpha)·O + P·V: the rescale rides on the accumulator load, and is skipped
+        // when no row's max moved (most blocks after the first few).
+        let init = if moved {
+            Init::Scaled(&state.alpha)
+        } else {
+            Init::Add
+        };
+        // The next block's K, needed next by Kᵀ·Q.
+        let next_k = match k_direct {
+            Some(k) if ks[3] == 1 && j0 + nk < j_end => Some(Prefetch {
+                data: k,
+                off: k_off + nk * ks[2],
+                rows: bc.min(j_end - j0 - nk),
+                rs: ks[2],
+                len: d,
+            }),
+            _ => None,
+        };
+        gemm(
+            plan.isa, n, dv, nk, pt, bmat, &mut s.o, dv, init, None, next_k,
+        )?;
         j0 += nk;
     }
     write_out(p, &rows, &s.o, &state.l, out)
