@@ -561,6 +561,43 @@ fn targeted_shapes() {
     }
 }
 
+/// Enough rows per KV head for the kernel's 256- and 128-row tiles (it shrinks tiles only to
+/// keep 16 tasks), each with a partial last tile: unmasked (the GEMM's column maxima, unclamped
+/// exponentials), causal with queries that see no key, and a float mask (clamped exponentials).
+#[test]
+fn large_query_tiles() {
+    let cases = vec![
+        Case {
+            q_len: 4200,
+            new_kv: 150,
+            kv_heads: 1,
+            group: 1,
+            ..base()
+        },
+        Case {
+            q_len: 1000,
+            new_kv: 300,
+            kv_heads: 1,
+            group: 2,
+            causal: true,
+            ..base()
+        },
+        Case {
+            q_len: 2100,
+            new_kv: 100,
+            kv_heads: 1,
+            group: 2,
+            mask: MaskKindSpec::F32,
+            ..base()
+        },
+    ];
+    for c in cases {
+        for isa in [Isa::detect(), Isa::Portable] {
+            check(&c, isa, 2).unwrap();
+        }
+    }
+}
+
 #[test]
 fn causal_rows_before_the_first_key_are_zero() {
     let c = Case {
