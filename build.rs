@@ -83,6 +83,8 @@ mod cuda {
             "flash_api.h",
             "flash_fwd_kernel.cuh",
             "flash_fwd_launch.cuh",
+            "flash_fwd_sm90.cuh",
+            "wgmma_ops.cuh",
         ]
         .map(|h| kernels.join(h));
         for f in sources.iter().chain(headers.iter()) {
@@ -105,6 +107,10 @@ mod cuda {
             if a == archs.last().unwrap() && !a.ends_with('a') {
                 flags.push(format!("-gencode=arch=compute_{num},code=compute_{num}"));
             }
+        }
+        // Host code picks the Hopper kernel only where its sm_90a code exists.
+        if archs.iter().any(|a| a == "90a") {
+            flags.push("-DFLASH_ORT_SM90A=1".into());
         }
         if let Ok(extra) = std::env::var("FLASH_ORT_NVCC_FLAGS") {
             flags.extend(extra.split_whitespace().map(String::from));

@@ -75,7 +75,7 @@ def forms_of(a):
 
 def cmd_nodes(a) -> int:
     for m, f, path, entry in forms_of(a):
-        lib = a.library if f == "flash" else None
+        lib = a.library if f in ("flash", "ort_opt_flash") else None
         with tempfile.TemporaryDirectory() as tmp:
             sess = session(path, lib, tmp)
             feeds = model_bench.make_feeds(entry["inputs"], entry["config"]["vocab_size"], a.batch, a.seq)
@@ -121,7 +121,7 @@ def cmd_kernels(a) -> int:
             rt = ctypes.CDLL(cand)
             break
     for m, f, path, entry in forms_of(a):
-        sess = session(path, a.library if f == "flash" else None)
+        sess = session(path, a.library if f in ("flash", "ort_opt_flash") else None)
         feeds = model_bench.make_feeds(entry["inputs"], entry["config"]["vocab_size"], a.batch, a.seq)
         b, keep = bound_run(sess, feeds)
         for _ in range(3):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up what the tests and examples need, project-locally and idempotently:
-#   .venv/            Python venv with onnxruntime (newest supported host), onnx, numpy, pytest
+#   .venv/            Python venv with onnxruntime (newest supported host), onnx, numpy, pytest,
+#                     sympy (ORT's transformer optimizer, which tests/e2e compares against)
 #   .venv-ort120/     onnxruntime 1.20.1, the oldest host we support, for the loading test
 # Usage: bash scripts/setup.sh
 set -euo pipefail
@@ -13,8 +14,8 @@ OLD_ORT_VERSION=1.20.1
 if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import onnxruntime, onnx, numpy, pytest, ml_dtypes; assert onnxruntime.__version__ == '$ORT_VERSION'" 2>/dev/null; then
-  .venv/bin/pip install -q --disable-pip-version-check "onnxruntime==$ORT_VERSION" "onnx>=1.17" numpy pytest ml_dtypes
+if ! .venv/bin/python -c "import onnxruntime, onnx, numpy, pytest, ml_dtypes, sympy; assert onnxruntime.__version__ == '$ORT_VERSION'" 2>/dev/null; then
+  .venv/bin/pip install -q --disable-pip-version-check "onnxruntime==$ORT_VERSION" "onnx>=1.17" numpy pytest ml_dtypes sympy
 fi
 if [[ ! -d .venv-ort120/onnxruntime ]]; then
   .venv/bin/pip install -q --disable-pip-version-check --no-deps --target .venv-ort120 "onnxruntime==$OLD_ORT_VERSION"
