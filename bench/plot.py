@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """PNG plots from the benchmarks' own JSON output.
 
-- `--kernel FILE`: the JSON of bench/gpu_ort_bench.py. One figure per dtype, a panel per
+- `--kernel FILE`: the JSON of bench/gpu_ort_bench.py, or of scripts/cuda_bench_table.py --json
+  (the kernel alone, key `flash_ort_kernel`). One figure per dtype, a panel per
   (head dim, causal): attention forward TFLOP/s against sequence length for com.flash.FlashAttention
   in ORT and its peers (ORT MultiHeadAttention, PyTorch SDPA flash and cuDNN); and one figure of
   the decode rows (GB/s of K/V read per batch and KV length).
@@ -31,6 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 PEERS = [  # key in gpu_ort_bench.py's rows, label, style
     ("flash_ort", "flash-ort (ORT CUDA EP)", dict(color="tab:red", marker="o", lw=2.2)),
+    ("flash_ort_kernel", "flash-ort kernel", dict(color="tab:red", marker="o", lw=2.2)),
     ("ort_mha", "ORT MultiHeadAttention", dict(color="tab:blue", marker="s")),
     ("torch_flash", "PyTorch SDPA flash (FA2)", dict(color="tab:green", marker="^")),
     ("torch_cudnn", "PyTorch SDPA cuDNN", dict(color="tab:purple", marker="v")),
@@ -67,7 +69,8 @@ def kernel_plots(rows: list, out: Path, subtitle: str) -> list:
             ax.set_title(f"D={d}, {'causal' if causal else 'non-causal'}")
             ax.set_xlabel("sequence length (batch × length = 16k tokens)")
             ax.grid(alpha=0.3)
-            ax.set_ylim(bottom=0)
+        top = max((number(r.get(k)) or 0) for r in rs for k, _, _ in PEERS)
+        axes[0][0].set_ylim(0, 1.05 * top)  # shared by every panel
         axes[0][0].set_ylabel("attention forward TFLOP/s")
         axes[0][0].legend(fontsize=8, loc="lower right")
         fig.suptitle(f"Attention forward, {dtype}, hidden 2048 — {subtitle}")
@@ -76,11 +79,12 @@ def kernel_plots(rows: list, out: Path, subtitle: str) -> list:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)
-    dec = [r for r in rows if r.get("decode")]
+    dec = [r for r in rows if r.get("decode") and r.get("dtype", "float16") == "float16"]
     if dec:
         dec.sort(key=lambda r: (r["b"], r["skv"]))
         labels = [f"B={r['b']}\nSkv={r['skv'] // 1024}k" for r in dec]
-        keys = [(k, lab, st) for k, lab, st in PEERS if k != "ort_mha"]
+        keys = [(k, lab, st) for k, lab, st in PEERS
+                if k != "ort_mha" and any(number(r.get(f"{k}_GBps")) for r in dec)]
         width = 0.8 / len(keys)
         fig, ax = plt.subplots(figsize=(7.5, 4.0))
         for i, (key, label, style) in enumerate(keys):

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Merges the JSON lines of benches/cuda_bench.rs (ours) and scripts/cuda_peers_torch.py (peers),
 measured in one run, into the markdown tables of bench/results/cuda.md.
-Usage: cuda_bench_table.py OURS.jsonl PEERS.jsonl"""
+Usage: cuda_bench_table.py OURS.jsonl PEERS.jsonl [--json ROWS.json]
+--json also writes the merged rows in the form bench/plot.py --kernel reads."""
 import json, sys
 
 
@@ -47,3 +48,18 @@ for r in ours:
     pct = f"{100 * r['ours'] / bw:.0f}%" if isinstance(bw, (int, float)) else "-"
     print(f"| {r['dtype']} | {r['B']} | {r['Skv']} | {r['splits']} | {r['ours']} | {p.get('flash', '-')} | "
           f"{p.get('cudnn', '-')} | {ratio(r['ours'], p.get('flash'))} | {pct} |")
+
+if len(sys.argv) > 4 and sys.argv[3] == "--json":
+    rows = []
+    for r in ours:
+        if r.get("kind") == "grid":
+            p = next((x for x in peers if x.get("kind") == "grid" and all(x.get(k) == r[k] for k in ("dtype", "d", "causal", "n"))), {})
+            rows.append({k: r[k] for k in ("dtype", "d", "causal", "n", "b", "h")} |
+                        {"flash_ort_kernel": r["ours"], "torch_flash": p.get("flash"), "torch_cudnn": p.get("cudnn")})
+        elif r.get("kind") == "decode":
+            p = next((x for x in peers if x.get("kind") == "decode" and all(x.get(k) == r[k] for k in ("dtype", "B", "Skv"))), {})
+            rows.append({"decode": True, "dtype": r["dtype"], "b": r["B"], "skv": r["Skv"], "hq": 32, "hkv": 8, "d": 128,
+                         "flash_ort_kernel_GBps": r["ours"], "torch_flash_GBps": p.get("flash"),
+                         "torch_cudnn_GBps": p.get("cudnn")})
+    with open(sys.argv[4], "w") as f:
+        json.dump(rows, f, indent=1)
