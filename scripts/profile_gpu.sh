@@ -23,13 +23,13 @@ for m in bert_base:ts17:eager llama_gqa_2k:dyn18:sdpa; do
 done
 # Wait for the exports only: a bare `wait` would also wait for the tee above.
 for p in "${pids[@]}"; do wait "$p"; done
-python3 bench/model_bench.py prepare --manifest "$work/bert_base/manifest_large.json" --flash-ort "$bin" --ort-opt --provider cuda >"$work/prep_bert.log" 2>&1 || tail -5 "$work/prep_bert.log"
+python3 bench/model_bench.py prepare --manifest "$work/bert_base/manifest_large.json" --flash-ort "$bin" --ort-opt --ort-opt-flash --provider cuda >"$work/prep_bert.log" 2>&1 || tail -5 "$work/prep_bert.log"
 python3 bench/model_bench.py prepare --manifest "$work/llama_gqa_2k/manifest_large.json" --flash-ort "$bin" --provider cuda >"$work/prep_llama.log" 2>&1 || tail -5 "$work/prep_llama.log"
 echo "# Where the time goes, B=1 S=$seq ($(nvidia-smi --query-gpu=name --format=csv,noheader), $(date -u +%F\ %H:%M) UTC)"
 for name in bert_base llama_gqa_2k; do
   timeout 120 python3 bench/profile_model.py nodes --forms "$work/$name/forms.json" --seq "$seq"
 done
-for mf in bert_base:flash bert_base:ort_opt bert_base:unfused llama_gqa_2k:flash llama_gqa_2k:unfused; do
+for mf in bert_base:flash bert_base:ort_opt_flash bert_base:ort_opt bert_base:unfused llama_gqa_2k:flash llama_gqa_2k:unfused; do
   IFS=: read -r name form <<<"$mf"
   echo; echo "### GPU kernels: $name / $form"
   timeout 150 ncu --profile-from-start off --csv --metrics gpu__time_duration.sum \
