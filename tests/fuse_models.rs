@@ -188,3 +188,49 @@ fn padded_queries_without_keys_are_reported_apart() {
     assert!(o.padded_max_abs > o.tolerance, "{}", rep.human());
     assert!(rep.human().contains("padded positions excluded"));
 }
+
+/// Encoders and encoder-decoders whose heads are split by `Reshape → Transpose` and merged by
+/// `Transpose → Reshape` end with fused nodes on the `[B, S, H·D]` projections and none of those
+/// transposes left (fuse::layout); `every_model_is_fully_fused_with_parity` checks their outputs.
+#[test]
+fn head_split_and_merge_transposes_fold_into_the_3d_layout() {
+    for file in [
+        "bert_eager_ts17.onnx",
+        "bert_sdpa_dyn18.onnx",
+        "distilbert_eager_ts17.onnx",
+        "bart_eager_dyn18.onnx",
+    ] {
+        let src = repo().join("models").join(file);
+        let mut loaded = graph::load_model(&src).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let rep = fuse::fuse_model(&mut loaded.model, true);
+        let g = loaded.model.graph.as_ref().unwrap();
+        let op = |n: &graph::onnx::NodeProto, t: &str| n.op_type.as_deref() == Some(t);
+        let flash: Vec<_> = g.node.iter().filter(|n| op(n, "FlashAttention")).collect();
+        assert!(!flash.is_empty() && flash.len() == rep.fused, "{file}");
+        for n in &flash {
+            let heads = |name: &str| {
+                n.attribute
+                    .iter()
+                    .find(|a| a.name.as_deref() == Some(name))
+                    .and_then(|a| a.i)
+            };
+            assert!(
+                heads("q_num_heads").is_some() && heads("kv_num_heads").is_some(),
+                "{file}: {:?} still takes 4D inputs",
+                n.name
+            );
+        }
+        assert!(
+            !g.node.iter().any(|n| op(n, "Transpose")),
+            "{file}: a head transpose is left"
+        );
+        for s in &rep.sites {
+            let layout = &s.summary.as_ref().expect("fused site").layout;
+            assert!(
+                layout.starts_with("BSD"),
+                "{file}: {} reports {layout}",
+                s.anchor
+            );
+        }
+    }
+}

@@ -5,6 +5,7 @@
 pub mod causal;
 pub mod decomposed;
 pub mod gqa;
+pub mod layout;
 pub mod mask;
 pub mod plan;
 pub mod reason;
@@ -150,6 +151,15 @@ fn fuse_graph(
     };
     if apply && !plans.is_empty() {
         rewrite::apply(g, &plans);
+        // Second pass over the result: fused nodes that can read the [B, S, H·D] projections.
+        let folded = layout::plans(&GraphView::new(g, outer));
+        if !folded.is_empty() {
+            for f in &folded {
+                report.note_folded(path, &f.node, &f.folded);
+            }
+            let plans: Vec<plan::Plan> = folded.into_iter().map(|f| f.plan).collect();
+            rewrite::apply(g, &plans);
+        }
     }
     // Subgraphs see the outer graph's tensors.
     for n in g.node.iter_mut() {

@@ -35,6 +35,23 @@ pub struct SiteReport {
     pub reason: Option<Skip>,
 }
 
+impl Report {
+    /// Records that fused node `node` of `graph` now takes the 3D layout (fuse::layout), with
+    /// the head split/merge nodes it absorbed.
+    pub fn note_folded(&mut self, graph: &str, node: &str, folded: &[String]) {
+        let site = self
+            .sites
+            .iter_mut()
+            .find(|s| s.graph == graph && s.fused_node.as_deref() == Some(node));
+        if let Some(site) = site {
+            site.replaced.extend(folded.iter().cloned());
+            if let Some(summary) = site.summary.as_mut() {
+                summary.layout = "BSD (head split/merge transposes folded in)".into();
+            }
+        }
+    }
+}
+
 impl SiteReport {
     pub fn fused(graph: &str, kind: &'static str, v: &GraphView, anchor: usize, p: &Plan) -> Self {
         SiteReport {
