@@ -234,3 +234,69 @@ fn head_split_and_merge_transposes_fold_into_the_3d_layout() {
         }
     }
 }
+
+/// A head-split tensor that something else also reads (here: exposed as a graph output) keeps
+/// its fused node in the 4D layout, while the other layer still folds; outputs stay equal.
+#[test]
+fn a_head_split_read_elsewhere_keeps_the_4d_layout() {
+    let src = repo().join("models/bert_eager_ts17.onnx");
+    let mut loaded = graph::load_model(&src).unwrap();
+    let g = loaded.model.graph.as_mut().unwrap();
+    let split = g
+        .node
+        .iter()
+        .find(|n| {
+            n.op_type.as_deref() == Some("Transpose")
+                && n.attribute.iter().any(|a| a.ints == [0, 2, 1, 3])
+        })
+        .expect("a [0,2,1,3] head split")
+        .output[0]
+        .clone();
+    g.output.push(graph::onnx::ValueInfoProto {
+        name: Some(split.clone()),
+        ..Default::default()
+    });
+    let rep = fuse::fuse_model(&mut loaded.model, true);
+    assert_eq!(rep.fused, 2);
+    let g = loaded.model.graph.as_ref().unwrap();
+    let flash: Vec<_> = g
+        .node
+        .iter()
+        .filter(|n| n.op_type.as_deref() == Some("FlashAttention"))
+        .collect();
+    let three_d = |n: &&&graph::onnx::NodeProto| {
+        n.attribute
+            .iter()
+            .any(|a| a.name.as_deref() == Some("q_num_heads"))
+    };
+    assert_eq!(
+        flash.iter().filter(three_d).count(),
+        1,
+        "only the untouched layer folds"
+    );
+    assert!(
+        g.node.iter().any(|n| n.output.contains(&split)),
+        "{split} still produced"
+    );
+    if verify::runtime::find_ort_library().is_ok() {
+        let dir = std::env::temp_dir().join(format!("flash-ort-layout-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (orig, out) = (dir.join("orig.onnx"), dir.join("fused.onnx"));
+        let mut original = graph::load_model(&src).unwrap();
+        original
+            .model
+            .graph
+            .as_mut()
+            .unwrap()
+            .output
+            .push(graph::onnx::ValueInfoProto {
+                name: Some(split.clone()),
+                ..Default::default()
+            });
+        graph::save_model(&original.model, &orig, &original).unwrap();
+        graph::save_model(&loaded.model, &out, &loaded).unwrap();
+        let r = verify::verify(&orig, &out, &verify::Options::default()).unwrap();
+        assert!(r.ok, "{}", r.human());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
