@@ -1,5 +1,6 @@
-//! Naive attention in fp64: the oracle the kernels are tested against. It follows DESIGN.md's
-//! order of operations literally (scale → softcap → mask → softmax → P·V) one row at a time.
+//! Naive attention in fp64: the oracle the kernels are tested against, and the same computation
+//! rounded to the problem's dtype. It follows DESIGN.md's order of operations literally
+//! (scale → softcap → mask → softmax → P·V) one row at a time.
 
 use super::{AttentionProblem, CpuInputs, MaskData, MaskKind};
 
@@ -48,60 +49,7 @@ fn at(strides: super::Strides4, b: usize, h: usize, s: usize, d: usize) -> usize
 /// Y in the problem's output layout (dense, `out_strides`), computed in fp64.
 /// Rows with no visible key are zero.
 pub fn attention_f64(p: &AttentionProblem, inp: &CpuInputs) -> Vec<f64> {
-    let out_len = super::extent([p.batch, p.q_heads, p.q_len, p.v_head_dim], p.out_strides);
-    let mut out = vec![0.0f64; out_len];
-    let mut scores = vec![0.0f64; p.kv_len];
-    let mut visible = vec![false; p.kv_len];
-    for b in 0..p.batch {
-        for h in 0..p.q_heads {
-            let kvh = p.kv_head_of(h);
-            for i in 0..p.q_len {
-                let mut max = f64::NEG_INFINITY;
-                for j in 0..p.kv_len {
-                    visible[j] = false;
-                    let Some(add) = mask_term(p, inp, b, h, i, j) else {
-                        continue;
-                    };
-                    let mut dot = 0.0f64;
-                    for d in 0..p.head_dim {
-                        let qv = inp.q.get_f32(at(p.q_strides, b, h, i, d));
-                        let kv = inp.k.get_f32(at(inp.k_strides, b, kvh, j, d));
-                        dot += qv as f64 * kv as f64;
-                    }
-                    let mut s = dot * p.scale as f64;
-                    if p.softcap > 0.0 {
-                        let c = p.softcap as f64;
-                        s = c * (s / c).tanh();
-                    }
-                    s += add;
-                    scores[j] = s;
-                    visible[j] = true;
-                    max = max.max(s);
-                }
-                if max == f64::NEG_INFINITY {
-                    continue; // no visible key: the row stays zero
-                }
-                let mut sum = 0.0;
-                for j in 0..p.kv_len {
-                    if visible[j] {
-                        scores[j] = (scores[j] - max).exp();
-                        sum += scores[j];
-                    }
-                }
-                for dv in 0..p.v_head_dim {
-                    let mut acc = 0.0;
-                    for j in 0..p.kv_len {
-                        if visible[j] {
-                            let vv = inp.v.get_f32(at(inp.v_strides, b, kvh, j, dv));
-                            acc += scores[j] * vv as f64;
-                        }
-                    }
-                    out[at(p.out_strides, b, h, i, dv)] = acc / sum;
-                }
-            }
-        }
-    }
-    out
+    naive::<f64>(p, inp, |x| x, Normalize::Output)
 }
 
 /// Naive attention carried out in the problem's own element type, the way an eager framework
@@ -112,66 +60,141 @@ pub fn attention_f64(p: &AttentionProblem, inp: &CpuInputs) -> Vec<f64> {
 pub fn attention_in_dtype(p: &AttentionProblem, inp: &CpuInputs) -> Vec<f64> {
     use super::DType;
     use half::{bf16, f16};
-    let round = |x: f32| -> f32 {
-        match p.dtype {
-            DType::F32 => x,
-            DType::F16 => f16::from_f32(x).to_f32(),
-            DType::BF16 => bf16::from_f32(x).to_f32(),
+    let round: fn(f32) -> f32 = match p.dtype {
+        DType::F32 => |x| x,
+        DType::F16 => |x| f16::from_f32(x).to_f32(),
+        DType::BF16 => |x| bf16::from_f32(x).to_f32(),
+    };
+    naive::<f32>(p, inp, round, Normalize::Probabilities)
+}
+
+/// The float type a naive attention accumulates in: f64 for the oracle, f32 for the in-dtype run.
+trait Real:
+    Copy
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::AddAssign
+{
+    const ZERO: Self;
+    const NEG_INFINITY: Self;
+    fn from_f32(x: f32) -> Self;
+    fn from_f64(x: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn exp(self) -> Self;
+    fn tanh(self) -> Self;
+    fn max(self, other: Self) -> Self;
+}
+
+macro_rules! impl_real {
+    ($t:ty) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
+            fn from_f32(x: f32) -> Self {
+                x as $t
+            }
+            fn from_f64(x: f64) -> Self {
+                x as $t
+            }
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn tanh(self) -> Self {
+                <$t>::tanh(self)
+            }
+            fn max(self, other: Self) -> Self {
+                <$t>::max(self, other)
+            }
         }
     };
+}
+impl_real!(f32);
+impl_real!(f64);
+
+/// Where a naive attention divides by the softmax denominator.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Normalize {
+    /// Once per output element, after P·V with the unnormalized weights.
+    Output,
+    /// Each probability before P·V, then rounded: P materialized, as an eager framework does.
+    Probabilities,
+}
+
+/// The naive computation both variants share, in `T` with every intermediate passed through
+/// `round` (the identity where nothing is rounded). Rows with no visible key are zero.
+fn naive<T: Real>(
+    p: &AttentionProblem,
+    inp: &CpuInputs,
+    round: impl Fn(T) -> T,
+    normalize: Normalize,
+) -> Vec<f64> {
     let out_len = super::extent([p.batch, p.q_heads, p.q_len, p.v_head_dim], p.out_strides);
     let mut out = vec![0.0f64; out_len];
-    let mut scores = vec![0.0f32; p.kv_len];
+    let mut scores = vec![T::ZERO; p.kv_len];
     let mut visible = vec![false; p.kv_len];
+    let scale = T::from_f32(p.scale);
+    let softcap = T::from_f32(p.softcap);
     for b in 0..p.batch {
         for h in 0..p.q_heads {
             let kvh = p.kv_head_of(h);
             for i in 0..p.q_len {
-                let mut max = f32::NEG_INFINITY;
+                let mut max = T::NEG_INFINITY;
                 for j in 0..p.kv_len {
                     visible[j] = false;
                     let Some(add) = mask_term(p, inp, b, h, i, j) else {
                         continue;
                     };
-                    let mut dot = 0.0f32;
+                    let mut dot = T::ZERO;
                     for d in 0..p.head_dim {
                         let qv = inp.q.get_f32(at(p.q_strides, b, h, i, d));
                         let kv = inp.k.get_f32(at(inp.k_strides, b, kvh, j, d));
-                        dot += qv * kv;
+                        dot += T::from_f32(qv) * T::from_f32(kv);
                     }
-                    let mut s = round(round(dot) * p.scale);
+                    let mut s = round(round(dot) * scale);
                     if p.softcap > 0.0 {
-                        s = round(p.softcap * (s / p.softcap).tanh());
+                        s = round(softcap * (s / softcap).tanh());
                     }
-                    s = round(s + add as f32);
+                    s = round(s + T::from_f64(add));
                     scores[j] = s;
                     visible[j] = true;
                     max = max.max(s);
                 }
-                if max == f32::NEG_INFINITY {
-                    continue;
+                if max == T::NEG_INFINITY {
+                    continue; // no visible key: the row stays zero
                 }
-                let mut sum = 0.0f32;
+                let mut sum = T::ZERO;
                 for j in 0..p.kv_len {
                     if visible[j] {
                         scores[j] = (scores[j] - max).exp();
                         sum += scores[j];
                     }
                 }
-                for j in 0..p.kv_len {
-                    if visible[j] {
-                        scores[j] = round(scores[j] / sum);
+                if normalize == Normalize::Probabilities {
+                    for j in 0..p.kv_len {
+                        if visible[j] {
+                            scores[j] = round(scores[j] / sum);
+                        }
                     }
                 }
                 for dv in 0..p.v_head_dim {
-                    let mut acc = 0.0f32;
+                    let mut acc = T::ZERO;
                     for j in 0..p.kv_len {
                         if visible[j] {
                             let vv = inp.v.get_f32(at(inp.v_strides, b, kvh, j, dv));
-                            acc += scores[j] * vv;
+                            acc += scores[j] * T::from_f32(vv);
                         }
                     }
-                    out[at(p.out_strides, b, h, i, dv)] = round(acc) as f64;
+                    let y = match normalize {
+                        Normalize::Output => acc / sum,
+                        Normalize::Probabilities => acc,
+                    };
+                    out[at(p.out_strides, b, h, i, dv)] = round(y).to_f64();
                 }
             }
         }
