@@ -50,6 +50,14 @@ pub struct Info {
 }
 
 impl Info {
+    /// Element type and dims alone: nothing known about the values.
+    fn typed(elem: Option<i32>, dims: Option<Vec<Dim>>) -> Info {
+        Info {
+            elem,
+            dims,
+            ..Default::default()
+        }
+    }
     pub fn rank(&self) -> Option<usize> {
         self.dims.as_ref().map(Vec::len)
     }
@@ -174,6 +182,11 @@ fn broadcast(a: &[Dim], b: &[Dim], infos: &mut Infos) -> Vec<Dim> {
     out
 }
 
+/// Element `i` of an integer vector broadcast along its only axis (one element repeats).
+fn broadcast_at(v: &[Dim], i: usize) -> Option<&Dim> {
+    v.get(if v.len() == 1 { 0 } else { i })
+}
+
 /// The size a Reshape's -1 takes: the input's element count divided by the other target dims,
 /// cancelling equal symbols (so [batch, seq, 32] → [batch, seq, -1, 16] gives 2).
 fn infer_minus_one(input: &[Dim], others: &[Dim]) -> Option<Dim> {
@@ -281,6 +294,15 @@ fn float_arith(op: &str, a: f64, b: f64) -> Option<f64> {
         "Div" => a / b,
         "Pow" => a.powf(b),
         _ => return None,
+    })
+}
+
+/// The `axes` of a Reduce*, Squeeze or Unsqueeze: an attribute before opset 13 (18 for most
+/// reductions), the constant second input after.
+fn axes(n: &NodeProto, infos: &Infos) -> Option<Vec<i64>> {
+    attr_ints(n, "axes").or_else(|| {
+        let name = n.input.get(1).filter(|s| !s.is_empty())?;
+        infos.ints(name)?.iter().map(Dim::val).collect()
     })
 }
 
@@ -484,12 +506,7 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
         | "SimplifiedLayerNormalization"
         | "BatchNormalization"
         | "HardSigmoid" => {
-            let mut info = Info {
-                elem: x.elem,
-                dims: x.dims.clone(),
-                ints: None,
-                scalar: None,
-            };
+            let mut info = Info::typed(x.elem, x.dims.clone());
             match op {
                 "Cast" => info.elem = attr_i(n, "to").map(|v| v as i32),
                 "CastLike" => info.elem = get(infos, 1).elem,
@@ -525,15 +542,8 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
             set(infos, &out0, info);
             if op == "Dropout" {
                 if let Some(mask) = n.output.get(1) {
-                    set(
-                        infos,
-                        mask,
-                        Info {
-                            elem: Some(DataType::Bool as i32),
-                            dims: x.dims.clone(),
-                            ..Default::default()
-                        },
-                    );
+                    let elem = Some(DataType::Bool as i32);
+                    set(infos, mask, Info::typed(elem, x.dims.clone()));
                 }
             }
         }
@@ -552,12 +562,7 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
                     .or(ins.get(2).and_then(|i| i.elem)),
                 _ => ins.iter().find_map(|i| i.elem),
             };
-            let mut info = Info {
-                elem,
-                dims,
-                ints: None,
-                scalar: None,
-            };
+            let mut info = Info::typed(elem, dims);
             if ins.len() == 2 {
                 let (a, b) = (&ins[0], &ins[1]);
                 if let (Some(x), Some(y)) = (a.scalar, b.scalar) {
@@ -567,13 +572,7 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
                     let n = x.len().max(y.len());
                     if (x.len() == n || x.len() == 1) && (y.len() == n || y.len() == 1) {
                         info.ints = (0..n)
-                            .map(|i| {
-                                int_arith(
-                                    op,
-                                    &x[if x.len() == 1 { 0 } else { i }],
-                                    &y[if y.len() == 1 { 0 } else { i }],
-                                )
-                            })
+                            .map(|i| int_arith(op, broadcast_at(x, i)?, broadcast_at(y, i)?))
                             .collect();
                     }
                 }
@@ -581,12 +580,10 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
             if op == "Where" && ins.len() == 3 {
                 if let (Some(c), Some(a), Some(b)) = (&ins[0].ints, &ins[1].ints, &ins[2].ints) {
                     let n = c.len().max(a.len()).max(b.len());
-                    let at =
-                        |v: &Vec<Dim>, i: usize| v.get(if v.len() == 1 { 0 } else { i }).cloned();
                     info.ints = (0..n)
-                        .map(|i| match at(c, i)? {
-                            Dim::Val(0) => at(b, i),
-                            Dim::Val(_) => at(a, i),
+                        .map(|i| match broadcast_at(c, i)? {
+                            Dim::Val(0) => broadcast_at(b, i).cloned(),
+                            Dim::Val(_) => broadcast_at(a, i).cloned(),
                             Dim::Sym(_) => None,
                         })
                         .collect();
@@ -605,15 +602,7 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
                 ]),
                 _ => Some(infos.fresh_dims(2)),
             };
-            set(
-                infos,
-                &out0,
-                Info {
-                    elem: x.elem,
-                    dims,
-                    ..Default::default()
-                },
-            );
+            set(infos, &out0, Info::typed(x.elem, dims));
         }
         "Flatten" => {
             let dims = Some(match (&x.dims, attr_i(n, "axis").unwrap_or(1)) {
@@ -628,15 +617,7 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
                 }
                 _ => infos.fresh_dims(2),
             });
-            set(
-                infos,
-                &out0,
-                Info {
-                    elem: x.elem,
-                    dims,
-                    ..Default::default()
-                },
-            );
+            set(infos, &out0, Info::typed(x.elem, dims));
         }
         "Split" => {
             let axis = attr_i(n, "axis").unwrap_or(0);
@@ -647,24 +628,12 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
                     d[a] = infos.fresh();
                     Some(d)
                 });
-                set(
-                    infos,
-                    o,
-                    Info {
-                        elem: x.elem,
-                        dims,
-                        ..Default::default()
-                    },
-                );
+                set(infos, o, Info::typed(x.elem, dims));
             }
         }
         "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceProd" | "ReduceL2" => {
             let keep = attr_i(n, "keepdims").unwrap_or(1) != 0;
-            let axes = attr_ints(n, "axes").or_else(|| {
-                inp(1)
-                    .and_then(|s| infos.ints(s))
-                    .and_then(|v| v.iter().map(Dim::val).collect())
-            });
+            let axes = axes(n, infos);
             let dims = x.dims.as_ref().and_then(|d| {
                 let axes: Vec<usize> = match &axes {
                     Some(a) if !a.is_empty() => a
@@ -684,27 +653,11 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
                         .collect(),
                 )
             });
-            set(
-                infos,
-                &out0,
-                Info {
-                    elem: x.elem,
-                    dims,
-                    ..Default::default()
-                },
-            );
+            set(infos, &out0, Info::typed(x.elem, dims));
         }
         "Conv" | "Tile" | "Pad" | "Resize" => {
             let dims = x.dims.as_ref().map(|d| infos.fresh_dims(d.len()));
-            set(
-                infos,
-                &out0,
-                Info {
-                    elem: x.elem,
-                    dims,
-                    ..Default::default()
-                },
-            );
+            set(infos, &out0, Info::typed(x.elem, dims));
         }
         "MatMul" => {
             let b = get(infos, 1);
@@ -717,15 +670,7 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
                 }
                 _ => None,
             };
-            set(
-                infos,
-                &out0,
-                Info {
-                    elem: x.elem,
-                    dims,
-                    ..Default::default()
-                },
-            );
+            set(infos, &out0, Info::typed(x.elem, dims));
         }
         "Transpose" => {
             let dims = x.dims.as_ref().and_then(|d| {
@@ -739,15 +684,7 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
                     })
                     .flatten()
             });
-            set(
-                infos,
-                &out0,
-                Info {
-                    elem: x.elem,
-                    dims,
-                    ..Default::default()
-                },
-            );
+            set(infos, &out0, Info::typed(x.elem, dims));
         }
         "Reshape" => {
             let target = get(infos, 1);
@@ -803,11 +740,7 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
             );
         }
         "Unsqueeze" | "Squeeze" => {
-            let axes = attr_ints(n, "axes").or_else(|| {
-                inp(1)
-                    .and_then(|s| infos.ints(s))
-                    .and_then(|v| v.iter().map(Dim::val).collect())
-            });
+            let axes = axes(n, infos);
             let dims = x.dims.as_ref().and_then(|d| {
                 if op == "Unsqueeze" {
                     let axes = axes.as_ref()?;
@@ -954,11 +887,7 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
         "Size" => set(
             infos,
             &out0,
-            Info {
-                elem: Some(DataType::Int64 as i32),
-                dims: Some(vec![]),
-                ..Default::default()
-            },
+            Info::typed(Some(DataType::Int64 as i32), Some(vec![])),
         ),
         "Gather" => {
             let idx = get(infos, 1);
@@ -1098,15 +1027,7 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
                 _ => infos.fresh(),
             };
             let dims = Some(vec![len]);
-            set(
-                infos,
-                &out0,
-                Info {
-                    elem: x.elem,
-                    dims,
-                    ..Default::default()
-                },
-            );
+            set(infos, &out0, Info::typed(x.elem, dims));
         }
         "Attention" | "FlashAttention" => {
             let v = get(infos, 2);
@@ -1122,15 +1043,7 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
                 }
                 _ => None,
             };
-            set(
-                infos,
-                &out0,
-                Info {
-                    elem: x.elem,
-                    dims,
-                    ..Default::default()
-                },
-            );
+            set(infos, &out0, Info::typed(x.elem, dims));
         }
         _ => {}
     }
