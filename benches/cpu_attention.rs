@@ -367,26 +367,12 @@ fn table(rows: &[Row], single: &[Row], threads: usize, rounds: usize, ort_versio
             },
         );
     }
-    md += "\nThe same runs in GFLOP per second of process CPU time (all threads; ORT's pool spins while waiting, which counts): a view less sensitive to other jobs taking turns on the cores.\n\n";
-    md += "| S | flash-ort kernel | flash-ort op in ORT | ORT MultiHeadAttention | ORT unfused graph | op / MHA | op / unfused |\n";
-    md += "|---|---|---|---|---|---|---|\n";
-    for (s, r) in rows {
-        let c: Vec<Option<f64>> = r.iter().map(|x| g(x, "cpu_gflops")).collect();
-        md += &format!(
-            "| {s} | {} | {} | {} | {} | {} | {} |\n",
-            fmt(c[0], 1),
-            fmt(c[1], 1),
-            fmt(c[2], 1),
-            fmt(c[3], 1),
-            ratio(c[1], c[2]),
-            ratio(c[1], c[3]),
-        );
-    }
-    if !single.is_empty() {
-        md += "\nOne thread each (ORT `intra_op_num_threads` = 1; best of 3 rounds): GFLOP per CPU-second of the process, i.e. per-core throughput, which other jobs sharing the cores barely disturb. One core's fp32 FMA peak here is about 130 GFLOP/s (measured with a register-only FMA loop).\n\n";
+    // GFLOP per CPU-second: the same columns for the all-threads and the one-thread runs.
+    let cpu_table = |rows: &[Row]| {
+        let mut md = String::new();
         md += "| S | flash-ort kernel | flash-ort op in ORT | ORT MultiHeadAttention | ORT unfused graph | op / MHA | op / unfused |\n";
         md += "|---|---|---|---|---|---|---|\n";
-        for (s, r) in single {
+        for (s, r) in rows {
             let c: Vec<Option<f64>> = r.iter().map(|x| g(x, "cpu_gflops")).collect();
             md += &format!(
                 "| {s} | {} | {} | {} | {} | {} | {} |\n",
@@ -398,6 +384,13 @@ fn table(rows: &[Row], single: &[Row], threads: usize, rounds: usize, ort_versio
                 ratio(c[1], c[3]),
             );
         }
+        md
+    };
+    md += "\nThe same runs in GFLOP per second of process CPU time (all threads; ORT's pool spins while waiting, which counts): a view less sensitive to other jobs taking turns on the cores.\n\n";
+    md += &cpu_table(rows);
+    if !single.is_empty() {
+        md += "\nOne thread each (ORT `intra_op_num_threads` = 1; best of 3 rounds): GFLOP per CPU-second of the process, i.e. per-core throughput, which other jobs sharing the cores barely disturb. One core's fp32 FMA peak here is about 130 GFLOP/s (measured with a register-only FMA loop).\n\n";
+        md += &cpu_table(single);
     }
     let failures: Vec<String> = rows
         .iter()
