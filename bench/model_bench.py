@@ -629,12 +629,16 @@ def model_meta(doc, m):
                   for f, info in e["forms"].items()}}
 
 
-def cmd_run(a) -> int:
+def open_run(a):
+    """What `run` and `maxseq` start from: forms.json, its folder, the results file and what it
+    already holds."""
     forms_path = Path(a.forms)
-    doc = json.loads(forms_path.read_text())
-    folder = forms_path.parent
     out = Path(a.out)
-    res = load_results(out, a)
+    return json.loads(forms_path.read_text()), forms_path.parent, out, load_results(out, a)
+
+
+def cmd_run(a) -> int:
+    doc, folder, out, res = open_run(a)
     start = time.time()
     deadline = start + a.budget_s
     points = [(b, s) for b in map(int, a.batches.split(",")) for s in map(int, a.seqs.split(","))]
@@ -689,11 +693,7 @@ def cmd_maxseq(a) -> int:
     """Longest S at batch 1: doubling from the largest S known to run, then bisection down to a
     step of --resolution. One child does a whole search; a crash counts as a failure and a
     fresh child goes on from what is known."""
-    forms_path = Path(a.forms)
-    doc = json.loads(forms_path.read_text())
-    folder = forms_path.parent
-    out = Path(a.out)
-    res = load_results(out, a)
+    doc, folder, out, res = open_run(a)
     start = time.time()
     deadline = start + a.budget_s
     for m, f, info in selected(doc, a):

@@ -46,6 +46,13 @@ FORM_STYLE = {
 BATCH_LINE = {1: "-", 8: "--"}
 
 
+def save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def number(v):
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
@@ -74,11 +81,7 @@ def kernel_plots(rows: list, out: Path, subtitle: str) -> list:
         axes[0][0].set_ylabel("attention forward TFLOP/s")
         axes[0][0].legend(fontsize=8, loc="lower right")
         fig.suptitle(f"Attention forward, {dtype}, hidden 2048 — {subtitle}")
-        fig.tight_layout()
-        path = out / f"kernel_tflops_{dtype}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, out / f"kernel_tflops_{dtype}.png"))
     dec = [r for r in rows if r.get("decode") and r.get("dtype", "float16") == "float16"]
     if dec:
         dec.sort(key=lambda r: (r["b"], r["skv"]))
@@ -97,11 +100,7 @@ def kernel_plots(rows: list, out: Path, subtitle: str) -> list:
         ax.set_title(f"Decode (Sq=1), {h['hq']} query / {h['hkv']} KV heads, D={h['d']}, fp16 — {subtitle}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / "kernel_decode.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, out / "kernel_decode.png"))
     return written
 
 
@@ -160,11 +159,7 @@ def model_plots(res: dict, out: Path, subtitle: str) -> list:
         ax_t.legend(fontsize=7)
         info = res.get("models", {}).get(model, {})
         fig.suptitle(f"{model} ({info.get('dtype', '')}, {info.get('exporter', '')} opset {info.get('opset', '')}) — {sub}")
-        fig.tight_layout()
-        path = out / f"model_{model}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, out / f"model_{model}.png"))
     return written
 
 
