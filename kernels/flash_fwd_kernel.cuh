@@ -228,6 +228,50 @@ enum SoftmaxMode : int {
     kModeBiasBounds = 4,  // staged key-padding bias plus causal/window compares
 };
 
+// The keys one batch's rows see: right padding (nonpad_kv_seqlen) and, per query i, the causal /
+// window bounds aligned bottom-right. Shared by the mma.sync and the Hopper kernels.
+struct KeyBounds {
+    int kv_end;  // keys this batch really has
+    int offset;  // kv_len - q_len: bottom-right alignment
+    int window_left, window_right;
+    __device__ __forceinline__ KeyBounds(const FwdParams& p, int b)
+        : kv_end(p.kv_len), offset(p.kv_len - p.q_len), window_left(p.window_left),
+          window_right(p.window_right) {
+        if (p.nonpad != nullptr) {
+            long long n = p.nonpad[b];
+            kv_end = (int)max(0LL, min((long long)p.kv_len, n));
+        }
+    }
+    __device__ __forceinline__ int lo(int i) const {  // first visible key of query i
+        return window_left >= 0 ? max(0, i + offset - window_left) : 0;
+    }
+    __device__ __forceinline__ int hi(int i) const {  // one past the last visible key of query i
+        return window_right >= 0 ? min(kv_end, max(0, i + offset + window_right + 1)) : kv_end;
+    }
+};
+
+// The KV blocks [n_begin, n_end) that rows [m0, m_end) of one CTA visit (its split's share of
+// them with split-KV), and the keys [lo_last, hi_first) that every one of those rows sees: a
+// block inside them needs no bounds checks.
+struct BlockRange {
+    int n_begin, n_end, lo_last, hi_first;
+};
+template <int kBlockN>
+__device__ __forceinline__ BlockRange block_range(const FwdParams& p, const KeyBounds& kb, int m0,
+                                                  int m_end, int split) {
+    const int i_first = m0 / p.group, i_last = (m_end - 1) / p.group;
+    const int lo_first = kb.lo(i_first), hi_last = kb.hi(i_last);
+    BlockRange r{lo_first / kBlockN, 0, kb.lo(i_last), kb.hi(i_first)};
+    r.n_end = hi_last > lo_first ? (hi_last + kBlockN - 1) / kBlockN : r.n_begin;
+    if (p.num_splits > 1) {
+        const int n_total = (p.kv_len + kBlockN - 1) / kBlockN;
+        const int per = (n_total + p.num_splits - 1) / p.num_splits;
+        r.n_begin = max(r.n_begin, split * per);
+        r.n_end = min(r.n_end, (split + 1) * per);
+    }
+    return r;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The kernel
 // ---------------------------------------------------------------------------------------------
@@ -264,30 +308,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
     const int warp_m0 = Cfg::kSplitN ? m0 : m0 + warp * 16 * kMT;  // first row of this warp
     const int wn0 = Cfg::kSplitN ? warp * kWarpN : 0;  // first key of this warp in a KV block
 
-    // Keys this batch really has (right padding through nonpad_kv_seqlen).
-    int kv_end = p.kv_len;
-    if (p.nonpad != nullptr) {
-        long long n = p.nonpad[b];
-        kv_end = (int)max(0LL, min((long long)p.kv_len, n));
-    }
-    const int offset = p.kv_len - p.q_len;  // bottom-right alignment
-    auto row_lo = [&](int i) {             // first visible key of query i
-        return p.window_left >= 0 ? max(0, i + offset - p.window_left) : 0;
-    };
-    auto row_hi = [&](int i) {  // one past the last visible key of query i
-        return p.window_right >= 0 ? min(kv_end, max(0, i + offset + p.window_right + 1)) : kv_end;
-    };
-    const int i_first = m0 / p.group, i_last = (m_end - 1) / p.group;
-    const int lo_first = row_lo(i_first), lo_last = row_lo(i_last);
-    const int hi_first = row_hi(i_first), hi_last = row_hi(i_last);
-    int n_begin = lo_first / kBlockN;
-    int n_end = hi_last > lo_first ? (hi_last + kBlockN - 1) / kBlockN : n_begin;
-    if (p.num_splits > 1) {
-        const int n_total = (p.kv_len + kBlockN - 1) / kBlockN;
-        const int per = (n_total + p.num_splits - 1) / p.num_splits;
-        n_begin = max(n_begin, split * per);
-        n_end = min(n_end, (split + 1) * per);
-    }
+    const KeyBounds kb(p, b);
+    const int kv_end = kb.kv_end;
+    const BlockRange range = block_range<kBlockN>(p, kb, m0, m_end, split);
+    const int n_begin = range.n_begin, n_end = range.n_end;
+    const int lo_last = range.lo_last, hi_first = range.hi_first;
 
     // This thread's rows: ri = 2 * mt + r is row g + 8r of the warp's m16 tile mt.
     // Only the visible key range is kept per row; query and head indices are recomputed where
@@ -297,8 +322,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_kernel(const __gri
 #pragma unroll
     for (int ri = 0; ri < kR; ++ri) {
         const int i = min(row_m_of(ri), p.m_rows - 1) / p.group;
-        row_lo_k[ri] = row_lo(i);
-        row_hi_k[ri] = row_hi(i);
+        row_lo_k[ri] = kb.lo(i);
+        row_hi_k[ri] = kb.hi(i);
     }
     const bool warp_active = warp_m0 < p.m_rows;
 

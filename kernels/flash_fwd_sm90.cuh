@@ -130,27 +130,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) flash_fwd_sm90
     const int wg_m0 = m0 + wg * 64;
     const bool wg_active = wg_m0 < p.m_rows;  // uniform per warpgroup, as wgmma requires
 
-    int kv_end = p.kv_len;
-    if (p.nonpad != nullptr) {
-        long long n = p.nonpad[b];
-        kv_end = (int)max(0LL, min((long long)p.kv_len, n));
-    }
-    const int offset = p.kv_len - p.q_len;  // bottom-right alignment
-    auto row_lo = [&](int i) { return p.window_left >= 0 ? max(0, i + offset - p.window_left) : 0; };
-    auto row_hi = [&](int i) {
-        return p.window_right >= 0 ? min(kv_end, max(0, i + offset + p.window_right + 1)) : kv_end;
-    };
-    const int i_first = m0 / p.group, i_last = (m_end - 1) / p.group;
-    const int lo_first = row_lo(i_first), lo_last = row_lo(i_last);
-    const int hi_first = row_hi(i_first), hi_last = row_hi(i_last);
-    int n_begin = lo_first / kBlockN;
-    int n_end = hi_last > lo_first ? (hi_last + kBlockN - 1) / kBlockN : n_begin;
-    if (p.num_splits > 1) {
-        const int n_total = (p.kv_len + kBlockN - 1) / kBlockN;
-        const int per = (n_total + p.num_splits - 1) / p.num_splits;
-        n_begin = max(n_begin, split * per);
-        n_end = min(n_end, (split + 1) * per);
-    }
+    const KeyBounds kb(p, b);
+    const int kv_end = kb.kv_end;
+    const BlockRange range = block_range<kBlockN>(p, kb, m0, m_end, split);
+    const int n_begin = range.n_begin, n_end = range.n_end;
+    const int lo_last = range.lo_last, hi_first = range.hi_first;
 
     // This thread's two rows: g and g + 8 of its warp's 16 (the wgmma accumulator layout).
     auto row_m_of = [&](int r) { return wg_m0 + (warp % 4) * 16 + g + 8 * r; };
@@ -158,8 +142,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) flash_fwd_sm90
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int i = min(row_m_of(r), p.m_rows - 1) / p.group;
-        row_lo_k[r] = row_lo(i);
-        row_hi_k[r] = row_hi(i);
+        row_lo_k[r] = kb.lo(i);
+        row_hi_k[r] = kb.hi(i);
     }
 
     const T* q = static_cast<const T*>(p.q);
