@@ -371,6 +371,19 @@ fn cuda_key_padding_masks() {
         };
         move |b: usize| if b == 2 { f32::NEG_INFINITY } else { low }
     };
+    // Runs `c` with `spec` as its mask, keeping the first lens[b] keys of batch b.
+    let check_prefix = |mut c: Case, spec: &MaskSpec, lens: &[usize], rng: &mut StdRng| {
+        c.mask = spec.clone();
+        let mut inp = make_inputs(&c, rng);
+        set_mask(
+            &mut inp,
+            &c,
+            |b, _, _, k| k < lens[b],
+            hidden(spec, &c),
+            rng,
+        );
+        check_inputs(&g, &c, inp, rng);
+    };
     for dtype in [DType::F16, DType::BF16] {
         for d in [64, 128] {
             for skv in [200, 384] {
@@ -405,17 +418,8 @@ fn cuda_key_padding_masks() {
                             ..base.clone()
                         },
                     ];
-                    for mut c in variants {
-                        c.mask = spec.clone();
-                        let mut inp = make_inputs(&c, &mut rng);
-                        set_mask(
-                            &mut inp,
-                            &c,
-                            |b, _, _, k| k < lens[b],
-                            hidden(&spec, &c),
-                            &mut rng,
-                        );
-                        check_inputs(&g, &c, inp, &mut rng);
+                    for c in variants {
+                        check_prefix(c, &spec, &lens, &mut rng);
                     }
                 }
             }
@@ -427,16 +431,7 @@ fn cuda_key_padding_masks() {
             let mut c = Case::plain(DType::F16, 4, 4, 4, 90, 200, d);
             c.past = 90;
             c.causal = true;
-            c.mask = spec.clone();
-            let mut inp = make_inputs(&c, &mut rng);
-            set_mask(
-                &mut inp,
-                &c,
-                |b, _, _, k| k < lens[b],
-                hidden(&spec, &c),
-                &mut rng,
-            );
-            check_inputs(&g, &c, inp, &mut rng);
+            check_prefix(c, &spec, &lens, &mut rng);
         }
     }
     // One mask row for every batch: rank 1 [T] and [1, 1, 1, T], random and prefix patterns.
@@ -460,31 +455,13 @@ fn cuda_key_padding_masks() {
     for spec in mask_kinds(DType::F16, &[4, 1, 1, 3001]) {
         let mut c = Case::plain(DType::F16, 4, 16, 4, 1, 1, 128);
         c.past = 3000;
-        c.mask = spec.clone();
-        let mut inp = make_inputs(&c, &mut rng);
         let decode_lens = [3001, 1000, 0, 17];
-        set_mask(
-            &mut inp,
-            &c,
-            |b, _, _, k| k < decode_lens[b],
-            hidden(&spec, &c),
-            &mut rng,
-        );
-        check_inputs(&g, &c, inp, &mut rng);
+        check_prefix(c, &spec, &decode_lens, &mut rng);
     }
     for spec in mask_kinds(DType::BF16, &[4, 1, 1, 9000]) {
-        let mut c = Case::plain(DType::BF16, 4, 8, 8, 2, 9000, 64);
-        c.mask = spec.clone();
-        let mut inp = make_inputs(&c, &mut rng);
+        let c = Case::plain(DType::BF16, 4, 8, 8, 2, 9000, 64);
         let long_lens = [9000, 4321, 0, 8960];
-        set_mask(
-            &mut inp,
-            &c,
-            |b, _, _, k| k < long_lens[b],
-            hidden(&spec, &c),
-            &mut rng,
-        );
-        check_inputs(&g, &c, inp, &mut rng);
+        check_prefix(c, &spec, &long_lens, &mut rng);
     }
 }
 
