@@ -8,7 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 seq=${1:-2048}
 out=${OUT:-/tmp/profile-out}
-work=/tmp/prof
+work=${PROF_WORK:-/tmp/prof}  # PROF_WORK=/tmp/e2e reuses scripts/e2e_gpu.sh's exports
 mkdir -p "$out" "$work"
 pids=()
 exec > >(tee -a "$out/profile.md") 2>&1
