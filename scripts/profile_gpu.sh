@@ -29,7 +29,8 @@ echo "# Where the time goes, B=1 S=$seq ($(nvidia-smi --query-gpu=name --format=
 for name in bert_base llama_gqa_2k; do
   timeout 120 python3 bench/profile_model.py nodes --forms "$work/$name/forms.json" --seq "$seq"
 done
-for mf in bert_base:flash bert_base:ort_opt_flash bert_base:ort_opt bert_base:unfused llama_gqa_2k:flash llama_gqa_2k:unfused; do
+# PROF_FORMS="model:form ..." picks the forms to profile (default: all six).
+for mf in ${PROF_FORMS:-bert_base:flash bert_base:ort_opt_flash bert_base:ort_opt bert_base:unfused llama_gqa_2k:flash llama_gqa_2k:unfused}; do
   IFS=: read -r name form <<<"$mf"
   echo; echo "### GPU kernels: $name / $form"
   timeout 150 ncu --profile-from-start off --csv --metrics gpu__time_duration.sum \
