@@ -612,6 +612,7 @@ pub fn match_softmax(
             } else {
                 "BHSD".into()
             },
+            layout_note: None,
         },
     })
 }

@@ -4,23 +4,31 @@
 //! exactly that, so a fused node whose Q, K, V and Y all take that form reads the projections
 //! directly, and four transposes (with their shape computations) per layer go.
 //!
-//! Only when every step is proven: the permutations, the reshape shapes (batch and sequence
-//! dims equal, last dim = heads × head size), and no other reader of any intermediate tensor.
-//! Nodes with past/present (KV cache) keep the 4D form.
+//! Only when every step is proven: the permutations and the reshape shapes (batch and sequence
+//! dims equal, last dim = heads × head size). A head split that something else also reads stays
+//! for that reader (the fused node reads the same values from the projection); the head merge
+//! must be the fused output's only use, apart from shape computations that exist only for the
+//! merge Reshape's target (GPT-2's export takes it from `Shape` of the merged heads), since the
+//! 4D output is no longer produced. Nodes with past/present (KV cache) keep the 4D form. A node
+//! that keeps it gets the reason in the report.
 
 use super::plan::{attr_int, Plan, Summary, DOMAIN, OP_TYPE};
 use crate::graph::onnx::NodeProto;
 use crate::graph::view::{attr_ints, is_op, node_label, GraphView};
 
 const SWAP_HEADS: [i64; 4] = [0, 2, 1, 3];
+/// How far the shape computations between a merged tensor and its Reshape are followed.
+const SHAPE_CHAIN_DEPTH: usize = 8;
 
 /// A proven head split `t = Transpose[0,2,1,3](Reshape(x, [B, S, H, D]))`.
 struct HeadSplit {
     x: String,
     heads: i64,
     head_size: i64,
-    /// The Transpose and the Reshape, removed once nothing else reads them.
-    nodes: [usize; 2],
+    /// The Transpose and the Reshape when only this split reads them: removed with it.
+    dropped: Vec<usize>,
+    /// Those that something else also reads: kept for it.
+    kept: Vec<usize>,
 }
 
 /// One fused node turned to the 3D layout.
@@ -29,101 +37,191 @@ pub struct Folded {
     /// The fused node's name and the labels of the nodes folded into it, for the report.
     pub node: String,
     pub folded: Vec<String>,
+    /// Head-split nodes that stay because other nodes read them too.
+    pub kept: Vec<String>,
+}
+
+/// A fused node left in the 4D layout, and why.
+pub struct Unfolded {
+    pub node: String,
+    pub reason: String,
 }
 
 fn only_reader(v: &GraphView, t: &str, reader: usize) -> bool {
     !v.is_graph_output(t) && v.consumers(t) == [reader]
 }
 
-fn head_split(v: &GraphView, t: &str, reader: usize) -> Option<HeadSplit> {
-    if !only_reader(v, t, reader) {
-        return None;
-    }
-    let ti = v.producer_op(t, "Transpose")?;
-    if attr_ints(v.node(ti), "perm")? != SWAP_HEADS {
-        return None;
-    }
-    let split = v.node(ti).input.first()?;
-    if !only_reader(v, split, ti) {
-        return None;
-    }
-    let ri = v.producer_op(split, "Reshape")?;
-    let x = v.node(ri).input.first()?;
+/// What produces `t`, for messages.
+fn producer_of(v: &GraphView, t: &str) -> String {
+    v.producer(t).map_or_else(
+        || "a graph input or initializer".into(),
+        |p| {
+            let n = v.node(p);
+            format!("{} {}", n.op_type.as_deref().unwrap_or("?"), node_label(n))
+        },
+    )
+}
+
+/// (heads, head size) when `split` is `x` `[B, S, H·D]` reshaped to `[B, S, H, D]`.
+fn split_dims(v: &GraphView, x: &str, split: &str) -> Option<(i64, i64)> {
     let (xd, sd) = (v.dims(x)?, v.dims(split)?);
     if xd.len() != 3 || sd.len() != 4 || xd[0] != sd[0] || xd[1] != sd[1] {
         return None;
     }
     let (heads, head_size) = (sd[2].val()?, sd[3].val()?);
-    if heads <= 0 || head_size <= 0 || xd[2].val()? != heads * head_size {
-        return None;
+    (heads > 0 && head_size > 0 && xd[2].val()? == heads * head_size).then_some((heads, head_size))
+}
+
+/// `t`, read by fused node `reader` as its input `what`, as a head split.
+fn head_split(v: &GraphView, what: &str, t: &str, reader: usize) -> Result<HeadSplit, String> {
+    let not_split = |why: String| {
+        format!("{what} is not a Reshape → Transpose[0,2,1,3] head split of a [B, S, H·D] tensor: {why}")
+    };
+    let ti = v
+        .producer_op(t, "Transpose")
+        .ok_or_else(|| not_split(format!("it comes from {}", producer_of(v, t))))?;
+    if attr_ints(v.node(ti), "perm").as_deref() != Some(&SWAP_HEADS[..]) {
+        return Err(not_split(format!(
+            "{} has another perm",
+            node_label(v.node(ti))
+        )));
     }
-    Some(HeadSplit {
-        x: x.clone(),
+    let split = v.node(ti).input.first().map_or("", String::as_str);
+    let ri = v.producer_op(split, "Reshape").ok_or_else(|| {
+        not_split(format!(
+            "the transposed tensor comes from {}",
+            producer_of(v, split)
+        ))
+    })?;
+    let x = v.node(ri).input.first().map_or("", String::as_str);
+    let (heads, head_size) = split_dims(v, x, split).ok_or_else(|| {
+        not_split(format!(
+            "the shapes of {x} and {split} do not prove [B, S, H·D] → [B, S, H, D]"
+        ))
+    })?;
+    // Split nodes that other nodes also read stay for them: the values are the same either way.
+    let (dropped, kept) = match (only_reader(v, t, reader), only_reader(v, split, ti)) {
+        (true, true) => (vec![ti, ri], vec![]),
+        (true, false) => (vec![ti], vec![ri]),
+        (false, _) => (vec![], vec![ti, ri]),
+    };
+    Ok(HeadSplit {
+        x: x.to_string(),
         heads,
         head_size,
-        nodes: [ti, ri],
+        dropped,
+        kept,
     })
 }
 
-/// `y` read only by Transpose[0,2,1,3], read only by a Reshape to `[B, S, heads·dv]` with B and
-/// S those of `q_x`: returns (transpose, reshape).
-fn head_merge(v: &GraphView, y: &str, q_x: &str, heads: i64, dv: i64) -> Option<(usize, usize)> {
-    if v.is_graph_output(y) {
-        return None;
-    }
-    let &[ti] = v.consumers(y) else { return None };
-    let t = v.node(ti);
-    if !is_op(t, "Transpose") || attr_ints(t, "perm")? != SWAP_HEADS {
-        return None;
-    }
-    let merged = t.output.first()?;
-    if v.is_graph_output(merged) {
-        return None;
-    }
-    let &[ri] = v.consumers(merged) else {
-        return None;
+/// Whether every reader of `t`, followed through their outputs, ends at one of `ends`: removing
+/// those then leaves all of them dead (the rewrite's dead-code pass takes them away).
+fn ends_at(v: &GraphView, t: &str, ends: &[usize], depth: usize) -> bool {
+    !v.is_graph_output(t)
+        && v.consumers(t).iter().all(|&c| {
+            let outs = &v.node(c).output;
+            ends.contains(&c)
+                || (depth < SHAPE_CHAIN_DEPTH
+                    && outs.iter().any(|o| !o.is_empty())
+                    && outs
+                        .iter()
+                        .filter(|o| !o.is_empty())
+                        .all(|o| ends_at(v, o, ends, depth + 1)))
+        })
+}
+
+/// `y` merged back by Transpose[0,2,1,3] → Reshape to `[B, S, heads·dv]` with B and S those of
+/// `q_x`, with nothing else reading `y` or the merged heads: returns (transpose, reshape).
+fn head_merge(
+    v: &GraphView,
+    y: &str,
+    q_x: &str,
+    heads: i64,
+    dv: i64,
+) -> Result<(usize, usize), String> {
+    let not_merge =
+        |why: &str| format!("Y is not merged back by Transpose[0,2,1,3] → Reshape: {why}");
+    let swaps = |c: &usize| {
+        let t = v.node(*c);
+        is_op(t, "Transpose") && attr_ints(t, "perm").as_deref() == Some(&SWAP_HEADS[..])
     };
-    let r = v.node(ri);
-    if !is_op(r, "Reshape") || r.input.first() != Some(merged) {
-        return None;
+    let ti = *v
+        .consumers(y)
+        .iter()
+        .find(|c| swaps(c))
+        .ok_or_else(|| not_merge("no Transpose[0,2,1,3] reads it"))?;
+    let merged = v.node(ti).output.first().map_or("", String::as_str);
+    let ri = *v
+        .consumers(merged)
+        .iter()
+        .find(|&&c| {
+            is_op(v.node(c), "Reshape")
+                && v.node(c).input.first().map(String::as_str) == Some(merged)
+        })
+        .ok_or_else(|| not_merge("no Reshape reads the transposed heads"))?;
+    // The fused node will no longer write the 4D Y: nothing may need it or the merged heads.
+    if !ends_at(v, y, &[ti, ri], 0) || !ends_at(v, merged, &[ri], 0) {
+        return Err(not_merge(
+            "the 4D output or the merged heads are also read elsewhere (or are graph outputs)",
+        ));
     }
-    let (od, qd) = (v.dims(r.output.first()?)?, v.dims(q_x)?);
-    if od.len() != 3 || qd.len() != 3 || od[0] != qd[0] || od[1] != qd[1] {
-        return None;
+    let out = v.node(ri).output.first().map_or("", String::as_str);
+    let proven = match (v.dims(out), v.dims(q_x)) {
+        (Some(od), Some(qd)) if od.len() == 3 && qd.len() == 3 => {
+            od[0] == qd[0] && od[1] == qd[1] && od[2].val() == Some(heads * dv)
+        }
+        _ => false,
+    };
+    if !proven {
+        return Err(not_merge(&format!(
+            "the shape of {out} is not proven to be [B, S, {heads}·{dv}]"
+        )));
     }
-    (od[2].val()? == heads * dv).then_some((ti, ri))
+    Ok((ti, ri))
 }
 
 fn is_flash(n: &NodeProto) -> bool {
     n.domain.as_deref() == Some(DOMAIN) && n.op_type.as_deref() == Some(OP_TYPE)
 }
 
-fn fold(v: &GraphView, i: usize) -> Option<Folded> {
+/// The attribute `name` the node already declares, if any.
+fn declared(n: &NodeProto, name: &str) -> Option<i64> {
+    n.attribute
+        .iter()
+        .find(|a| a.name.as_deref() == Some(name))
+        .and_then(|a| a.i)
+}
+
+/// The three head splits of fused node `i`, checked against each other and the node.
+fn head_splits(v: &GraphView, i: usize) -> Result<[HeadSplit; 3], String> {
+    let n = v.node(i);
+    let q = head_split(v, "Q", &n.input[0], i)?;
+    let k = head_split(v, "K", &n.input[1], i)?;
+    let val = head_split(v, "V", &n.input[2], i)?;
+    if k.heads != val.heads || q.head_size != k.head_size || q.heads % k.heads != 0 {
+        return Err(format!(
+            "the head splits do not fit together: Q {}×{}, K {}×{}, V {}×{}",
+            q.heads, q.head_size, k.heads, k.head_size, val.heads, val.head_size
+        ));
+    }
+    if declared(n, "q_num_heads").is_some_and(|h| h != q.heads)
+        || declared(n, "kv_num_heads").is_some_and(|h| h != k.heads)
+    {
+        return Err("the node's declared head counts differ from its head splits".into());
+    }
+    Ok([q, k, val])
+}
+
+fn fold(v: &GraphView, i: usize) -> Result<Folded, String> {
     let n = v.node(i);
     let present = |k: usize| n.input.get(k).is_some_and(|s| !s.is_empty());
     if present(4) || present(5) || n.output.iter().skip(1).any(|s| !s.is_empty()) {
-        return None;
+        return Err("past/present (KV cache) tensors are 4D: the node keeps that layout".into());
     }
     if n.input.len() < 3 || n.output.is_empty() {
-        return None;
+        return Err("the node lacks Q, K, V or Y".into());
     }
-    let q = head_split(v, &n.input[0], i)?;
-    let k = head_split(v, &n.input[1], i)?;
-    let val = head_split(v, &n.input[2], i)?;
-    if k.heads != val.heads || q.head_size != k.head_size || q.heads % k.heads != 0 {
-        return None;
-    }
-    let declared = |name: &str| {
-        n.attribute
-            .iter()
-            .find(|a| a.name.as_deref() == Some(name))
-            .and_then(|a| a.i)
-    };
-    if declared("q_num_heads").is_some_and(|h| h != q.heads)
-        || declared("kv_num_heads").is_some_and(|h| h != k.heads)
-    {
-        return None;
-    }
+    let [q, k, val] = head_splits(v, i)?;
     let (merge_t, merge_r) = head_merge(v, &n.output[0], &q.x, q.heads, val.head_size)?;
 
     let mut node = n.clone();
@@ -136,18 +234,24 @@ fn fold(v: &GraphView, i: usize) -> Option<Folded> {
     node.attribute.push(attr_int("q_num_heads", q.heads));
     node.attribute.push(attr_int("kv_num_heads", k.heads));
 
+    let splits = [&q, &k, &val];
     let mut remove = vec![i, merge_t];
-    remove.extend(q.nodes.iter().chain(&k.nodes).chain(&val.nodes).copied());
+    remove.extend(splits.iter().flat_map(|s| s.dropped.iter().copied()));
     remove.sort_unstable();
     remove.dedup();
+    let mut kept: Vec<usize> = splits.iter().flat_map(|s| s.kept.iter().copied()).collect();
+    kept.sort_unstable();
+    kept.dedup();
+    let label = |r: &usize| node_label(v.node(*r));
     let folded = remove
         .iter()
         .chain(std::iter::once(&merge_r))
         .filter(|&&r| r != i)
-        .map(|&r| node_label(v.node(r)))
+        .map(label)
         .collect();
-    Some(Folded {
+    Ok(Folded {
         node: node.name.clone().unwrap_or_default(),
+        kept: kept.iter().map(label).collect(),
         plan: Plan {
             remove,
             anchor: merge_r,
@@ -158,11 +262,20 @@ fn fold(v: &GraphView, i: usize) -> Option<Folded> {
     })
 }
 
-/// Every fused node of the graph that can take the 3D layout, as plans for `rewrite::apply`
-/// (each anchored at the head-merging Reshape, whose output the node now produces).
-pub fn plans(v: &GraphView) -> Vec<Folded> {
-    (0..v.graph.node.len())
-        .filter(|&i| is_flash(v.node(i)))
-        .filter_map(|i| fold(v, i))
-        .collect()
+/// Every fused node of the graph: those that can take the 3D layout, as plans for
+/// `rewrite::apply` (each anchored at the head-merging Reshape, whose output the node now
+/// produces), and the others with the reason they keep the 4D one.
+pub fn plans(v: &GraphView) -> (Vec<Folded>, Vec<Unfolded>) {
+    let mut folded = Vec::new();
+    let mut unfolded = Vec::new();
+    for i in (0..v.graph.node.len()).filter(|&i| is_flash(v.node(i))) {
+        match fold(v, i) {
+            Ok(f) => folded.push(f),
+            Err(reason) => unfolded.push(Unfolded {
+                node: v.node(i).name.clone().unwrap_or_default(),
+                reason,
+            }),
+        }
+    }
+    (folded, unfolded)
 }

@@ -152,10 +152,13 @@ fn fuse_graph(
     if apply && !plans.is_empty() {
         rewrite::apply(g, &plans);
         // Second pass over the result: fused nodes that can read the [B, S, H·D] projections.
-        let folded = layout::plans(&GraphView::new(g, outer));
+        let (folded, unfolded) = layout::plans(&GraphView::new(g, outer));
+        for u in &unfolded {
+            report.note_unfolded(path, &u.node, &u.reason);
+        }
         if !folded.is_empty() {
             for f in &folded {
-                report.note_folded(path, &f.node, &f.folded);
+                report.note_folded(path, &f.node, &f.folded, &f.kept);
             }
             let plans: Vec<plan::Plan> = folded.into_iter().map(|f| f.plan).collect();
             rewrite::apply(g, &plans);

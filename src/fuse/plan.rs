@@ -31,6 +31,10 @@ pub struct Summary {
     /// K/V heads read un-repeated (a GQA `Unsqueeze → Expand → Reshape` folded away).
     pub gqa_folded: bool,
     pub layout: String,
+    /// Why a BHSD node kept that layout, or which head-split nodes a BSD one left for their
+    /// other readers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layout_note: Option<String>,
 }
 
 /// Makes tensor and node names that do not clash with the graph's.

@@ -36,18 +36,36 @@ pub struct SiteReport {
 }
 
 impl Report {
-    /// Records that fused node `node` of `graph` now takes the 3D layout (fuse::layout), with
-    /// the head split/merge nodes it absorbed.
-    pub fn note_folded(&mut self, graph: &str, node: &str, folded: &[String]) {
-        let site = self
-            .sites
+    /// The site whose fused node is `node` in `graph`.
+    fn site_of(&mut self, graph: &str, node: &str) -> Option<&mut SiteReport> {
+        self.sites
             .iter_mut()
-            .find(|s| s.graph == graph && s.fused_node.as_deref() == Some(node));
-        if let Some(site) = site {
-            site.replaced.extend(folded.iter().cloned());
-            if let Some(summary) = site.summary.as_mut() {
-                summary.layout = "BSD (head split/merge transposes folded in)".into();
-            }
+            .find(|s| s.graph == graph && s.fused_node.as_deref() == Some(node))
+    }
+
+    /// Records that fused node `node` of `graph` now takes the 3D layout (fuse::layout), with
+    /// the head split/merge nodes it absorbed and those left for their other readers.
+    pub fn note_folded(&mut self, graph: &str, node: &str, folded: &[String], kept: &[String]) {
+        let Some(site) = self.site_of(graph, node) else {
+            return;
+        };
+        site.replaced.extend(folded.iter().cloned());
+        if let Some(summary) = site.summary.as_mut() {
+            summary.layout = "BSD (head split/merge transposes folded in)".into();
+            summary.layout_note = (!kept.is_empty())
+                .then(|| format!("kept for their other readers: {}", kept.join(", ")));
+        }
+    }
+
+    /// Records why fused node `node` of `graph` keeps the 4D layout. Nodes of another layout
+    /// (ONNX Attention on 3D inputs, 3D-batched sites) were never candidates: no note.
+    pub fn note_unfolded(&mut self, graph: &str, node: &str, reason: &str) {
+        let summary = self
+            .site_of(graph, node)
+            .and_then(|s| s.summary.as_mut())
+            .filter(|s| s.layout == "BHSD");
+        if let Some(summary) = summary {
+            summary.layout_note = Some(reason.to_string());
         }
     }
 }

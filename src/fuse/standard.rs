@@ -165,6 +165,7 @@ pub fn match_attention(v: &GraphView, i: usize, names: &mut Names) -> Result<Pla
             } else {
                 "BHSD".into()
             },
+            layout_note: None,
         },
     })
 }

@@ -414,6 +414,10 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
             .unwrap_or_default()
     };
     let out0 = n.output.first().cloned().unwrap_or_default();
+    if domain == "com.microsoft" {
+        infer_contrib(n, op, infos);
+        return;
+    }
     if !(domain.is_empty() || domain == "ai.onnx" || domain == "com.flash") {
         return;
     }
@@ -621,11 +625,12 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
         }
         "Split" => {
             let axis = attr_i(n, "axis").unwrap_or(0);
-            for o in n.output.iter() {
+            let sizes = split_sizes(n, infos, x.dims.as_deref(), axis);
+            for (k, o) in n.output.iter().enumerate() {
                 let dims = x.dims.as_ref().and_then(|d| {
                     let a = norm_axis(axis, d.len())?;
                     let mut d = d.clone();
-                    d[a] = infos.fresh();
+                    d[a] = sizes.get(k).cloned().unwrap_or_else(|| infos.fresh());
                     Some(d)
                 });
                 set(infos, o, Info::typed(x.elem, dims));
@@ -1049,6 +1054,70 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
     }
 }
 
+/// The sizes of a Split's parts along `axis`: the `split` input (opset 13+) or attribute, else
+/// equal parts of a known dim (GPT-2 splits its fused QKV projection into three equal parts).
+fn split_sizes(n: &NodeProto, infos: &Infos, dims: Option<&[Dim]>, axis: i64) -> Vec<Dim> {
+    let given = n.input.get(1).filter(|s| !s.is_empty());
+    if let Some(sizes) = given.and_then(|s| infos.ints(s)) {
+        return sizes.to_vec();
+    }
+    if let Some(sizes) = attr_ints(n, "split").filter(|v| !v.is_empty()) {
+        return sizes.into_iter().map(Dim::Val).collect();
+    }
+    let parts = n.output.len() as i64;
+    let whole = dims.and_then(|d| d.get(norm_axis(axis, d.len())?)?.val());
+    match whole {
+        Some(w) if given.is_none() && parts > 0 && w % parts == 0 => {
+            vec![Dim::Val(w / parts); parts as usize]
+        }
+        _ => vec![],
+    }
+}
+
+/// ONNX Runtime's contrib ops that its transformer optimizer writes between attention layers.
+/// Without them every shape after the first fused LayerNorm is unknown, and nothing downstream
+/// (head counts, the head split of the next layer) can be proven.
+fn infer_contrib(n: &NodeProto, op: &str, infos: &mut Infos) {
+    let info = |infos: &Infos, i: usize| {
+        n.input
+            .get(i)
+            .and_then(|s| infos.get(s))
+            .cloned()
+            .unwrap_or_default()
+    };
+    // Outputs shaped and typed like input 0: the (skip) normalizations' output and their
+    // input+skip+bias sum (output 3), and the elementwise activations.
+    let like_input: &[usize] = match op {
+        "SkipLayerNormalization" | "SkipSimplifiedLayerNormalization" => &[0, 3],
+        "BiasGelu" | "FastGelu" | "Gelu" | "QuickGelu" | "BiasAdd" => &[0],
+        "EmbedLayerNormalization" => {
+            // input_ids [B, S] and word_embedding [vocab, hidden] give output and
+            // embedding_sum [B, S, hidden]; mask_index (output 1) depends on the mask format.
+            let (ids, table) = (info(infos, 0), info(infos, 2));
+            let dims = match (ids.dims, table.dims.as_deref()) {
+                (Some(mut d), Some([_, hidden])) if d.len() == 2 => {
+                    d.push(hidden.clone());
+                    Some(d)
+                }
+                _ => None,
+            };
+            for k in [0, 2] {
+                if let Some(o) = n.output.get(k) {
+                    set(infos, o, Info::typed(table.elem, dims.clone()));
+                }
+            }
+            return;
+        }
+        _ => return,
+    };
+    let x = info(infos, 0);
+    for &k in like_input {
+        if let Some(o) = n.output.get(k) {
+            set(infos, o, Info::typed(x.elem, x.dims.clone()));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1073,5 +1142,33 @@ mod tests {
             Some(Dim::Val(6))
         );
         assert_eq!(int_arith("Add", &s, &Dim::Val(1)), None);
+    }
+
+    #[test]
+    fn contrib_ops_pass_their_input_shape_on() {
+        let bsd = vec![Dim::Sym("B".into()), Dim::Sym("S".into()), Dim::Val(64)];
+        let mut infos = Infos::default();
+        infos
+            .map
+            .insert("x".into(), Info::typed(Some(1), Some(bsd.clone())));
+        let node = |op: &str, outputs: &[&str]| NodeProto {
+            op_type: Some(op.into()),
+            domain: Some("com.microsoft".into()),
+            input: vec!["x".into(), "x".into(), "g".into()],
+            output: outputs.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        infer_node(
+            &node("SkipLayerNormalization", &["y", "", "", "sum"]),
+            &mut infos,
+        );
+        infer_node(&node("BiasGelu", &["z"]), &mut infos);
+        infer_node(&node("SomethingElse", &["w"]), &mut infos);
+        for t in ["y", "sum", "z"] {
+            assert_eq!(infos.dims(t), Some(bsd.as_slice()), "{t}");
+            assert_eq!(infos.elem(t), Some(1), "{t}");
+        }
+        assert!(infos.get("w").is_none());
+        assert!(infos.get("").is_none());
     }
 }
