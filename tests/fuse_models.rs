@@ -189,9 +189,9 @@ fn padded_queries_without_keys_are_reported_apart() {
     assert!(rep.human().contains("padded positions excluded"));
 }
 
-/// Encoders and encoder-decoders whose heads are split by `Reshape → Transpose` and merged by
-/// `Transpose → Reshape` end with fused nodes on the `[B, S, H·D]` projections and none of those
-/// transposes left (fuse::layout); `every_model_is_fully_fused_with_parity` checks their outputs.
+/// Models whose heads are split by `Reshape → Transpose` and merged by `Transpose → Reshape`
+/// end with fused nodes on the `[B, S, H·D]` projections and none of those transposes left
+/// (fuse::layout); `every_model_is_fully_fused_with_parity` checks their outputs.
 #[test]
 fn head_split_and_merge_transposes_fold_into_the_3d_layout() {
     for file in [
@@ -199,6 +199,10 @@ fn head_split_and_merge_transposes_fold_into_the_3d_layout() {
         "bert_sdpa_dyn18.onnx",
         "distilbert_eager_ts17.onnx",
         "bart_eager_dyn18.onnx",
+        // The merge's target from Shape of the merged heads; Q/K/V from an equal 3-way Split.
+        "gpt2_eager_ts17.onnx",
+        // Merged to [B·S, H·Dv]: that Reshape stays, reading the 3D output.
+        "gpt2_sdpa_dyn18.onnx",
     ] {
         let src = repo().join("models").join(file);
         let mut loaded = graph::load_model(&src).unwrap_or_else(|e| panic!("{file}: {e}"));
@@ -235,68 +239,86 @@ fn head_split_and_merge_transposes_fold_into_the_3d_layout() {
     }
 }
 
-/// A head-split tensor that something else also reads (here: exposed as a graph output) keeps
-/// its fused node in the 4D layout, while the other layer still folds; outputs stay equal.
-#[test]
-fn a_head_split_read_elsewhere_keeps_the_4d_layout() {
-    let src = repo().join("models/bert_eager_ts17.onnx");
-    let mut loaded = graph::load_model(&src).unwrap();
+/// `models/bert_eager_ts17.onnx` with `tensor` also exposed as a graph output.
+fn bert_with_output(tensor: &str) -> graph::LoadedModel {
+    let mut loaded = graph::load_model(&repo().join("models/bert_eager_ts17.onnx")).unwrap();
     let g = loaded.model.graph.as_mut().unwrap();
-    let split = g
-        .node
-        .iter()
-        .find(|n| {
-            n.op_type.as_deref() == Some("Transpose")
-                && n.attribute.iter().any(|a| a.ints == [0, 2, 1, 3])
-        })
-        .expect("a [0,2,1,3] head split")
-        .output[0]
-        .clone();
+    assert!(g.node.iter().any(|n| n.output.iter().any(|o| o == tensor)));
     g.output.push(graph::onnx::ValueInfoProto {
-        name: Some(split.clone()),
+        name: Some(tensor.into()),
         ..Default::default()
     });
+    loaded
+}
+
+/// Fuses BERT with `tensor` exposed: the report, and whether each fused node reads 3D inputs.
+/// Checks that `tensor` is still produced and that every output, `tensor` included, matches.
+fn fuse_bert_with_output(tensor: &str) -> (fuse::Report, Vec<bool>) {
+    let mut loaded = bert_with_output(tensor);
     let rep = fuse::fuse_model(&mut loaded.model, true);
-    assert_eq!(rep.fused, 2);
+    assert_eq!(rep.fused, 2, "{}", rep.human());
     let g = loaded.model.graph.as_ref().unwrap();
-    let flash: Vec<_> = g
+    let three_d = g
         .node
         .iter()
         .filter(|n| n.op_type.as_deref() == Some("FlashAttention"))
+        .map(|n| {
+            n.attribute
+                .iter()
+                .any(|a| a.name.as_deref() == Some("q_num_heads"))
+        })
         .collect();
-    let three_d = |n: &&&graph::onnx::NodeProto| {
-        n.attribute
-            .iter()
-            .any(|a| a.name.as_deref() == Some("q_num_heads"))
-    };
-    assert_eq!(
-        flash.iter().filter(three_d).count(),
-        1,
-        "only the untouched layer folds"
-    );
     assert!(
-        g.node.iter().any(|n| n.output.contains(&split)),
-        "{split} still produced"
+        g.node.iter().any(|n| n.output.iter().any(|o| o == tensor)),
+        "{tensor} still produced"
     );
     if verify::runtime::find_ort_library().is_ok() {
         let dir = std::env::temp_dir().join(format!("flash-ort-layout-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (orig, out) = (dir.join("orig.onnx"), dir.join("fused.onnx"));
-        let mut original = graph::load_model(&src).unwrap();
-        original
-            .model
-            .graph
-            .as_mut()
-            .unwrap()
-            .output
-            .push(graph::onnx::ValueInfoProto {
-                name: Some(split.clone()),
-                ..Default::default()
-            });
+        let original = bert_with_output(tensor);
         graph::save_model(&original.model, &orig, &original).unwrap();
         graph::save_model(&loaded.model, &out, &loaded).unwrap();
         let r = verify::verify(&orig, &out, &verify::Options::default()).unwrap();
-        assert!(r.ok, "{}", r.human());
         std::fs::remove_dir_all(&dir).ok();
+        assert!(r.ok, "{}", r.human());
+        assert_eq!(r.outputs.len(), 2);
     }
+    (rep, three_d)
+}
+
+/// A head split that something else also reads (here: a graph output) stays for that reader;
+/// the fused node still reads the projection, so both layers take the 3D layout.
+#[test]
+fn a_head_split_read_elsewhere_stays_for_its_reader() {
+    let (rep, three_d) =
+        fuse_bert_with_output("/model/encoder/layer.0/attention/self/Transpose_output_0");
+    assert_eq!(three_d, [true, true]);
+    let note = rep.sites[0].summary.as_ref().unwrap().layout_note.clone();
+    assert!(
+        note.as_deref()
+            .is_some_and(|n| n.contains("kept for their other readers")
+                && n.contains("layer.0/attention/self/Transpose")),
+        "{note:?}"
+    );
+    assert!(rep.sites[1].summary.as_ref().unwrap().layout_note.is_none());
+}
+
+/// Merged heads that something else reads cannot go (the fused node would no longer produce
+/// them): that layer keeps the 4D layout with the reason in the report, the other one folds.
+#[test]
+fn merged_heads_read_elsewhere_keep_the_4d_layout() {
+    let (rep, three_d) =
+        fuse_bert_with_output("/model/encoder/layer.0/attention/self/Transpose_3_output_0");
+    assert_eq!(three_d, [false, true]);
+    let first = rep.sites[0].summary.as_ref().unwrap();
+    assert_eq!(first.layout, "BHSD");
+    let note = first.layout_note.as_deref().unwrap_or_default();
+    assert!(note.starts_with("Y is not merged back"), "{note}");
+    assert!(rep.sites[1]
+        .summary
+        .as_ref()
+        .unwrap()
+        .layout
+        .starts_with("BSD"));
 }

@@ -419,3 +419,46 @@ fn omitted_optional_inputs_before_a_present_one_are_filled() {
         );
     }
 }
+
+/// BERT as ONNX Runtime's transformer optimizer leaves it with attention fusion off: layers
+/// joined by SkipLayerNormalization/BiasGelu (com.microsoft), one shape computation shared by
+/// every layer's head split and merge. Every layer takes the 3D layout (not only the first,
+/// whose input is a standard LayerNormalization), no head transpose or head Reshape is left,
+/// the shared shape computation stays for the Reshape outside attention, and ORT gives the
+/// same outputs.
+#[test]
+fn ort_optimized_bert_folds_every_layer() {
+    let name = "fuse_ort_optimized_bert.onnx";
+    let (m, rep) = fused(name);
+    assert_eq!((rep.fused, rep.skipped), (3, 0), "{}", rep.human());
+    for s in &rep.sites {
+        let sum = s.summary.as_ref().unwrap();
+        assert!(
+            sum.layout.starts_with("BSD"),
+            "{}: {}",
+            s.anchor,
+            sum.layout
+        );
+        assert_eq!(sum.layout_note, None, "{}", s.anchor);
+    }
+    for n in flash_nodes(&m) {
+        assert_eq!(attr_i(n, "q_num_heads"), Some(4));
+        assert_eq!(attr_i(n, "kv_num_heads"), Some(4));
+    }
+    let g = m.graph.as_ref().unwrap();
+    let count = |op: &str| {
+        g.node
+            .iter()
+            .filter(|n| n.op_type.as_deref() == Some(op))
+            .count()
+    };
+    assert_eq!(count("Transpose"), 0);
+    // Left: the output Reshape and the merge shape it shares with the (gone) head merges.
+    assert_eq!((count("Reshape"), count("Concat")), (1, 1));
+    assert_eq!(count("SkipLayerNormalization"), 6);
+    let once = io::encode_model(&m);
+    let mut again = m.clone();
+    assert_eq!(fuse::fuse_model(&mut again, true).fused, 0);
+    assert_eq!(io::encode_model(&again), once, "second fuse changed it");
+    parity(name, &m);
+}

@@ -8,11 +8,12 @@
 //! dims equal, last dim = heads × head size). A head split that something else also reads stays
 //! for that reader (the fused node reads the same values from the projection); the head merge
 //! must be the fused output's only use, apart from shape computations that exist only for the
-//! merge Reshape's target (GPT-2's export takes it from `Shape` of the merged heads), since the
-//! 4D output is no longer produced. Nodes with past/present (KV cache) keep the 4D form. A node
-//! that keeps it gets the reason in the report.
+//! merge Reshape's target (GPT-2's TorchScript export takes it from `Shape` of the merged heads),
+//! since the 4D output is no longer produced. A merge Reshape that flattens further (to
+//! `[B·S, H·Dv]`, GPT-2's dynamo export) stays, reading the 3D output. Nodes with past/present
+//! (KV cache) keep the 4D form. A node that keeps it gets the reason in the report.
 
-use super::plan::{attr_int, Plan, Summary, DOMAIN, OP_TYPE};
+use super::plan::{attr_int, Names, Plan, Summary, DOMAIN, OP_TYPE};
 use crate::graph::onnx::NodeProto;
 use crate::graph::view::{attr_ints, is_op, node_label, GraphView};
 
@@ -130,15 +131,38 @@ fn ends_at(v: &GraphView, t: &str, ends: &[usize], depth: usize) -> bool {
         })
 }
 
-/// `y` merged back by Transpose[0,2,1,3] → Reshape to `[B, S, heads·dv]` with B and S those of
-/// `q_x`, with nothing else reading `y` or the merged heads: returns (transpose, reshape).
-fn head_merge(
-    v: &GraphView,
-    y: &str,
-    q_x: &str,
-    heads: i64,
-    dv: i64,
-) -> Result<(usize, usize), String> {
+/// How a fused node's output is merged back from heads.
+struct Merge {
+    transpose: usize,
+    reshape: usize,
+    /// The Reshape flattens more than the heads (GPT-2's dynamo export merges to
+    /// `[B·S, H·Dv]`): it stays, reading the 3D output, whose elements are in the same order.
+    keeps_reshape: bool,
+}
+
+/// Whether the merge Reshape's output is `[B, S, heads·dv]` with B and S those of `q_x`.
+fn merges_to_bsd(v: &GraphView, out: &str, q_x: &str, hidden: i64) -> bool {
+    match (v.dims(out), v.dims(q_x)) {
+        (Some(od), Some(qd)) if od.len() == 3 && qd.len() == 3 => {
+            od[0] == qd[0] && od[1] == qd[1] && od[2].val() == Some(hidden)
+        }
+        _ => false,
+    }
+}
+
+/// Whether Reshape `r` gives the same result from `[B, S, H·Dv]` as from `[B, S, H, Dv]`: both
+/// hold the same elements in the same order, so only a 0 ("copy this input dim") at a position
+/// past S tells them apart. The target must be known.
+fn same_from_3d(v: &GraphView, r: usize) -> bool {
+    let n = v.node(r);
+    let allowzero = crate::graph::view::attr_i(n, "allowzero").unwrap_or(0) != 0;
+    let target = n.input.get(1).and_then(|t| v.infos.ints(t));
+    target.is_some_and(|t| allowzero || t.iter().skip(2).all(|d| d.val() != Some(0)))
+}
+
+/// `y` merged back by Transpose[0,2,1,3] → Reshape, with nothing else needing `y` or the merged
+/// heads once the fused node writes the 3D output instead.
+fn head_merge(v: &GraphView, y: &str, q_x: &str, hidden: i64) -> Result<Merge, String> {
     let not_merge =
         |why: &str| format!("Y is not merged back by Transpose[0,2,1,3] → Reshape: {why}");
     let swaps = |c: &usize| {
@@ -159,25 +183,24 @@ fn head_merge(
                 && v.node(c).input.first().map(String::as_str) == Some(merged)
         })
         .ok_or_else(|| not_merge("no Reshape reads the transposed heads"))?;
-    // The fused node will no longer write the 4D Y: nothing may need it or the merged heads.
-    if !ends_at(v, y, &[ti, ri], 0) || !ends_at(v, merged, &[ri], 0) {
-        return Err(not_merge(
-            "the 4D output or the merged heads are also read elsewhere (or are graph outputs)",
-        ));
-    }
     let out = v.node(ri).output.first().map_or("", String::as_str);
-    let proven = match (v.dims(out), v.dims(q_x)) {
-        (Some(od), Some(qd)) if od.len() == 3 && qd.len() == 3 => {
-            od[0] == qd[0] && od[1] == qd[1] && od[2].val() == Some(heads * dv)
-        }
-        _ => false,
+    let merge = |keeps_reshape| Merge {
+        transpose: ti,
+        reshape: ri,
+        keeps_reshape,
     };
-    if !proven {
-        return Err(not_merge(&format!(
-            "the shape of {out} is not proven to be [B, S, {heads}·{dv}]"
-        )));
+    if merges_to_bsd(v, out, q_x, hidden) {
+        // The Reshape goes too, and with it what computes its target (maybe from the heads).
+        if ends_at(v, y, &[ti, ri], 0) && ends_at(v, merged, &[ri], 0) {
+            return Ok(merge(false));
+        }
+    } else if only_reader(v, y, ti) && only_reader(v, merged, ri) && same_from_3d(v, ri) {
+        return Ok(merge(true));
     }
-    Ok((ti, ri))
+    Err(not_merge(&format!(
+        "{out} is not proven to be [B, S, {hidden}], or the 4D output or the merged heads are \
+         also read elsewhere (or are graph outputs)"
+    )))
 }
 
 fn is_flash(n: &NodeProto) -> bool {
@@ -212,7 +235,7 @@ fn head_splits(v: &GraphView, i: usize) -> Result<[HeadSplit; 3], String> {
     Ok([q, k, val])
 }
 
-fn fold(v: &GraphView, i: usize) -> Result<Folded, String> {
+fn fold(v: &GraphView, i: usize, names: &mut Names) -> Result<Folded, String> {
     let n = v.node(i);
     let present = |k: usize| n.input.get(k).is_some_and(|s| !s.is_empty());
     if present(4) || present(5) || n.output.iter().skip(1).any(|s| !s.is_empty()) {
@@ -222,20 +245,31 @@ fn fold(v: &GraphView, i: usize) -> Result<Folded, String> {
         return Err("the node lacks Q, K, V or Y".into());
     }
     let [q, k, val] = head_splits(v, i)?;
-    let (merge_t, merge_r) = head_merge(v, &n.output[0], &q.x, q.heads, val.head_size)?;
+    let merge = head_merge(v, &n.output[0], &q.x, q.heads * val.head_size)?;
+    let merge_r = v.node(merge.reshape);
 
     let mut node = n.clone();
     node.input[0] = q.x.clone();
     node.input[1] = k.x.clone();
     node.input[2] = val.x.clone();
-    node.output[0] = v.node(merge_r).output[0].clone();
     node.attribute
         .retain(|a| !matches!(a.name.as_deref(), Some("q_num_heads" | "kv_num_heads")));
     node.attribute.push(attr_int("q_num_heads", q.heads));
     node.attribute.push(attr_int("kv_num_heads", k.heads));
+    let mut new_nodes = Vec::new();
+    if merge.keeps_reshape {
+        let y3 = names.fresh(&format!("{}/bsd", merge_r.output[0]));
+        let mut reshape = merge_r.clone();
+        reshape.input[0] = y3.clone();
+        node.output[0] = y3;
+        new_nodes.extend([node, reshape]);
+    } else {
+        node.output[0] = merge_r.output[0].clone();
+        new_nodes.push(node);
+    }
 
     let splits = [&q, &k, &val];
-    let mut remove = vec![i, merge_t];
+    let mut remove = vec![i, merge.transpose];
     remove.extend(splits.iter().flat_map(|s| s.dropped.iter().copied()));
     remove.sort_unstable();
     remove.dedup();
@@ -243,19 +277,20 @@ fn fold(v: &GraphView, i: usize) -> Result<Folded, String> {
     kept.sort_unstable();
     kept.dedup();
     let label = |r: &usize| node_label(v.node(*r));
+    let merge_reshape = (!merge.keeps_reshape).then_some(&merge.reshape);
     let folded = remove
         .iter()
-        .chain(std::iter::once(&merge_r))
+        .chain(merge_reshape)
         .filter(|&&r| r != i)
         .map(label)
         .collect();
     Ok(Folded {
-        node: node.name.clone().unwrap_or_default(),
+        node: n.name.clone().unwrap_or_default(),
         kept: kept.iter().map(label).collect(),
         plan: Plan {
             remove,
-            anchor: merge_r,
-            new_nodes: vec![node],
+            anchor: merge.reshape,
+            new_nodes,
             summary: Summary::default(),
         },
         folded,
@@ -266,10 +301,11 @@ fn fold(v: &GraphView, i: usize) -> Result<Folded, String> {
 /// `rewrite::apply` (each anchored at the head-merging Reshape, whose output the node now
 /// produces), and the others with the reason they keep the 4D one.
 pub fn plans(v: &GraphView) -> (Vec<Folded>, Vec<Unfolded>) {
+    let mut names = Names::new(v.graph);
     let mut folded = Vec::new();
     let mut unfolded = Vec::new();
     for i in (0..v.graph.node.len()).filter(|&i| is_flash(v.node(i))) {
-        match fold(v, i) {
+        match fold(v, i, &mut names) {
             Ok(f) => folded.push(f),
             Err(reason) => unfolded.push(Unfolded {
                 node: v.node(i).name.clone().unwrap_or_default(),

@@ -533,6 +533,51 @@ def more_negatives():
     g.save("skip_mask-dtype-mismatch.onnx")
 
 
+def ort_optimized_bert(layers=3):
+    """BERT layers as ONNX Runtime's transformer optimizer leaves them with attention fusion off
+    (the ort_opt_flash form of bench/model_bench.py): SkipLayerNormalization and BiasGelu
+    (com.microsoft) between layers, so every shape after layer 0 goes through contrib ops; one
+    shape computation from Shape(x) shared by every layer's head split and merge Reshapes (and
+    by a Reshape outside attention, which must keep it); K split as BSHD → BHDS."""
+    g = G()
+    x = encoder_start(g)
+    mask = hf_padding_mask(g)
+    shape = g.op("Shape", [x])
+
+    def dim(i):
+        d = g.op("Gather", [shape, g.const(i, np.int64)], axis=0)
+        return g.op("Unsqueeze", [d, g.const([0], np.int64)])
+
+    b, s = dim(0), dim(1)
+    split_shape = g.op("Concat", [b, s, g.const([H, D], np.int64)], axis=0)
+    merge_shape = g.op("Concat", [b, s, g.const([HID], np.int64)], axis=0)
+
+    def linear(t, bias=True):
+        y = g.op("MatMul", [t, g.const(w((HID, HID)))])
+        return g.op("Add", [g.const(w(HID)), y]) if bias else y
+
+    def split(t, perm):
+        return g.op("Transpose", [g.op("Reshape", [linear(t), split_shape])], perm=list(perm))
+
+    def skip_ln(t, skip):
+        ins = [t, skip, g.const(1 + w(HID)), g.const(w(HID)), g.const(w(HID))]
+        return g.op("SkipLayerNormalization", ins, domain="com.microsoft", epsilon=1e-12)
+
+    hidden = g.op("LayerNormalization", [x, g.const(1 + w(HID)), g.const(w(HID))], axis=-1)
+    for _ in range(layers):
+        q, kt, v = split(hidden, (0, 2, 1, 3)), split(hidden, (0, 2, 3, 1)), split(hidden, (0, 2, 1, 3))
+        sc = g.op("Mul", [g.op("MatMul", [q, kt]), g.const(1 / np.sqrt(D))])
+        p = g.op("Softmax", [g.op("Add", [sc, mask])], axis=-1)
+        y = g.op("Transpose", [g.op("MatMul", [p, v])], perm=[0, 2, 1, 3])
+        y = g.op("Reshape", [y, merge_shape])
+        hidden = skip_ln(linear(y, bias=False), hidden)
+        ffn = g.op("BiasGelu", [linear(hidden, bias=False), g.const(w(HID))], domain="com.microsoft")
+        hidden = skip_ln(linear(ffn, bias=False), hidden)
+    g.nodes.append(h.make_node("Reshape", [hidden, merge_shape], ["y"], name="out"))
+    g.output("y", T.FLOAT, ["B", "S", HID])
+    g.save("fuse_ort_optimized_bert.onnx", extra_opsets=[h.make_opsetid("com.microsoft", 1)])
+
+
 def main():
     bert_eager()
     sdpa_sqrt_scale()
@@ -575,6 +620,7 @@ def main():
     onnx_attention("skip_causal-alignment-ambiguous.onnx", causal=1, kv_seq="T")
     onnx_attention("skip_qk-output-used.onnx", qk_out=True)
     more_negatives()
+    ort_optimized_bert()
 
 
 if __name__ == "__main__":
