@@ -15,7 +15,7 @@
 
 use super::plan::{attr_int, Names, Plan, Summary, DOMAIN, OP_TYPE};
 use crate::graph::onnx::NodeProto;
-use crate::graph::view::{attr_ints, is_op, node_label, GraphView};
+use crate::graph::view::{attr_i, attr_ints, is_op, node_label, GraphView};
 
 const SWAP_HEADS: [i64; 4] = [0, 2, 1, 3];
 /// How far the shape computations between a merged tensor and its Reshape are followed.
@@ -155,7 +155,7 @@ fn merges_to_bsd(v: &GraphView, out: &str, q_x: &str, hidden: i64) -> bool {
 /// past S tells them apart. The target must be known.
 fn same_from_3d(v: &GraphView, r: usize) -> bool {
     let n = v.node(r);
-    let allowzero = crate::graph::view::attr_i(n, "allowzero").unwrap_or(0) != 0;
+    let allowzero = attr_i(n, "allowzero").unwrap_or(0) != 0;
     let target = n.input.get(1).and_then(|t| v.infos.ints(t));
     target.is_some_and(|t| allowzero || t.iter().skip(2).all(|d| d.val() != Some(0)))
 }
@@ -235,6 +235,36 @@ fn head_splits(v: &GraphView, i: usize) -> Result<[HeadSplit; 3], String> {
     Ok([q, k, val])
 }
 
+/// The fused node on the projections, writing the merged output itself, or through the merge
+/// Reshape when that one stays.
+fn rewritten(
+    n: &NodeProto,
+    splits: [&HeadSplit; 3],
+    merge_r: &NodeProto,
+    keeps_reshape: bool,
+    names: &mut Names,
+) -> Vec<NodeProto> {
+    let mut node = n.clone();
+    for (input, s) in node.input.iter_mut().zip(splits) {
+        *input = s.x.clone();
+    }
+    node.attribute
+        .retain(|a| !matches!(a.name.as_deref(), Some("q_num_heads" | "kv_num_heads")));
+    node.attribute
+        .push(attr_int("q_num_heads", splits[0].heads));
+    node.attribute
+        .push(attr_int("kv_num_heads", splits[1].heads));
+    if !keeps_reshape {
+        node.output[0] = merge_r.output[0].clone();
+        return vec![node];
+    }
+    let y3 = names.fresh(&format!("{}/bsd", merge_r.output[0]));
+    let mut reshape = merge_r.clone();
+    reshape.input[0] = y3.clone();
+    node.output[0] = y3;
+    vec![node, reshape]
+}
+
 fn fold(v: &GraphView, i: usize, names: &mut Names) -> Result<Folded, String> {
     let n = v.node(i);
     let present = |k: usize| n.input.get(k).is_some_and(|s| !s.is_empty());
@@ -246,29 +276,9 @@ fn fold(v: &GraphView, i: usize, names: &mut Names) -> Result<Folded, String> {
     }
     let [q, k, val] = head_splits(v, i)?;
     let merge = head_merge(v, &n.output[0], &q.x, q.heads * val.head_size)?;
-    let merge_r = v.node(merge.reshape);
-
-    let mut node = n.clone();
-    node.input[0] = q.x.clone();
-    node.input[1] = k.x.clone();
-    node.input[2] = val.x.clone();
-    node.attribute
-        .retain(|a| !matches!(a.name.as_deref(), Some("q_num_heads" | "kv_num_heads")));
-    node.attribute.push(attr_int("q_num_heads", q.heads));
-    node.attribute.push(attr_int("kv_num_heads", k.heads));
-    let mut new_nodes = Vec::new();
-    if merge.keeps_reshape {
-        let y3 = names.fresh(&format!("{}/bsd", merge_r.output[0]));
-        let mut reshape = merge_r.clone();
-        reshape.input[0] = y3.clone();
-        node.output[0] = y3;
-        new_nodes.extend([node, reshape]);
-    } else {
-        node.output[0] = merge_r.output[0].clone();
-        new_nodes.push(node);
-    }
-
     let splits = [&q, &k, &val];
+    let new_nodes = rewritten(n, splits, v.node(merge.reshape), merge.keeps_reshape, names);
+
     let mut remove = vec![i, merge.transpose];
     remove.extend(splits.iter().flat_map(|s| s.dropped.iter().copied()));
     remove.sort_unstable();
