@@ -84,6 +84,7 @@ mod cuda {
             "flash_fwd_kernel.cuh",
             "flash_fwd_launch.cuh",
             "flash_fwd_sm90.cuh",
+            "flash_fwd_sm90_ws.cuh",
             "wgmma_ops.cuh",
         ]
         .map(|h| kernels.join(h));

@@ -10,6 +10,9 @@
 #include "flash_api.h"
 #include "flash_fwd_kernel.cuh"
 #include "flash_fwd_sm90.cuh"
+#include "flash_fwd_sm90_ws.cuh"
+
+#include <cudaTypedefs.h>
 
 namespace flash_ort {
 
@@ -83,6 +86,75 @@ void launch_sm90(const FwdParams& p, cudaStream_t stream) {
     check_launch("flash_fwd_sm90_kernel");
 }
 
+// cuTensorMapEncodeTiled from the driver (the runtime is linked statically; the driver API is
+// reached through the runtime's entry-point query, no -lcuda). Null when unavailable.
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+    static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+        void* f = nullptr;
+        cudaDriverEntryPointQueryResult q{};
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) !=
+                cudaSuccess ||
+            q != cudaDriverEntryPointSuccess)
+            return (PFN_cuTensorMapEncodeTiled_v12000) nullptr;
+        return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+    }();
+    return fn;
+}
+
+// TMA descriptor of K or V ([batch, heads, seq, dim] through `stride`, in elements) read in
+// boxes of 64 columns x `rows` keys into 128-byte-swizzled shared memory; rows past `seq` and
+// columns past `d` arrive as zeros. False when TMA cannot address the tensor (alignment).
+template <typename T>
+bool make_kv_map(CUtensorMap* map, const void* ptr, const int64_t (&stride)[4], int d, int seq, int heads,
+                 int batch, int rows) {
+    const auto encode = tensor_map_encoder();
+    if (encode == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 != 0 || d % 8 != 0) return false;
+    const cuuint64_t dims[4] = {(cuuint64_t)d, (cuuint64_t)seq, (cuuint64_t)heads, (cuuint64_t)batch};
+    cuuint64_t strides[3] = {(cuuint64_t)stride[2] * 2, (cuuint64_t)stride[1] * 2, (cuuint64_t)stride[0] * 2};
+    for (int i = 0; i < 3; ++i) {
+        // A dimension of size 1 is only ever at coordinate 0: any valid stride will do.
+        if (dims[i + 1] == 1) strides[i] = 16;
+        if (strides[i] == 0 || strides[i] % 16 != 0 || strides[i] >= (1ull << 40)) return false;
+    }
+    const cuuint32_t box[4] = {64, (cuuint32_t)rows, 1, 1};
+    const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+    const CUtensorMapDataType dtype = std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                                     : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    return encode(map, dtype, 4, const_cast<void*>(ptr), dims, strides, box, elem_strides,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// The warp-specialized Hopper kernel; false (nothing launched) when K/V cannot be read by TMA.
+template <typename Cfg>
+bool launch_sm90_ws(const FwdParams& p, cudaStream_t stream) {
+    using T = typename Cfg::T;
+    sm90::KVMaps maps;
+    if (!make_kv_map<T>(&maps.k, p.k, p.k_stride, p.d, p.kv_len, p.kv_heads, p.batch, Cfg::kBlockN) ||
+        !make_kv_map<T>(&maps.v, p.v, p.v_stride, p.dv, p.kv_len, p.kv_heads, p.batch, Cfg::kBlockN))
+        return false;
+    auto kernel = sm90::flash_fwd_sm90_ws_kernel<Cfg>;
+    const size_t smem = Cfg::kSmemBytes;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (err != cudaSuccess) {
+        throw std::runtime_error(std::string("flash_fwd_sm90_ws hdim ") + std::to_string(Cfg::kD) +
+                                 ": cannot reserve " + std::to_string(smem) +
+                                 " bytes of shared memory: " + cudaGetErrorString(err));
+    }
+    dim3 grid((p.m_rows + Cfg::kBlockM - 1) / Cfg::kBlockM, p.num_splits, p.batch * p.kv_heads);
+    kernel<<<grid, Cfg::kThreads, smem, stream>>>(p, maps);
+    check_launch("flash_fwd_sm90_ws_kernel");
+    return true;
+}
+
+// FLASH_ORT_SM90_WS=0 keeps the Hopper kernel without warp specialization (A/B comparisons);
+// in a FLASH_ORT_TILE_EXPERIMENT build, FLASH_ORT_WS_CFG picks a tile variant of the
+// warp-specialized one.
+inline int env_int(const char* name, int fallback) {
+    const char* v = getenv(name);
+    return v != nullptr && *v != 0 ? atoi(v) : fallback;
+}
+
 // What the Hopper kernel covers (flash_fwd_sm90.cuh): head sizes 64 and 128, more than one
 // decode tile of rows, no softcap, no mask or a mask that varies along keys only.
 template <int kD>
@@ -108,9 +180,38 @@ void run_fwd(const FwdParams& p, cudaStream_t stream) {
     constexpr TileShape big = fwd_tile(kD, false);
     if (sm90_covers<kD>(p)) {
         if constexpr (kD == 64 || kD == 128) {
-            // Tiles measured on an H200 (2026-11-22, S = 1k-16k, fp16/bf16): two warpgroups
-            // (128 rows) with 128-key blocks at D = 64 (273 TFLOP/s at 16k against 267 with one
-            // warpgroup x 64 keys), 64-key blocks at D = 128 (345 against 329 with 128 keys).
+            static const bool ws = env_int("FLASH_ORT_SM90_WS", 1) != 0;
+            if (ws) {
+                // Measured on an H200 (2026-11-22, fp16/bf16, S = 1k-16k): two consumer
+                // warpgroups with 128-key blocks and ping-pong at D = 128 (590-654 TFLOP/s at
+                // 16k, non-causal); at D = 64 three consumer warpgroups (192 rows, no ping-pong:
+                // 469-501 at 4k-16k against 391-422 with two), except short causal rows, where
+                // the 192-row tiles leave too few CTAs (176 against 206 at 1k).
+                using TwoWg = sm90::WsConfig<kD, 128, 2, 2, true, T>;
+                using ThreeWg = sm90::WsConfig<kD, 128, 3, 2, false, T>;
+                const bool short_causal = p.window_right >= 0 && p.q_len <= 1024;
+                bool launched = false;
+#ifdef FLASH_ORT_TILE_EXPERIMENT
+                static const int cfg = env_int("FLASH_ORT_WS_CFG", 0);
+                if (cfg == 1) launched = launch_sm90_ws<sm90::WsConfig<kD, 128, 2, 2, false, T>>(p, stream);
+                if (cfg == 2) launched = launch_sm90_ws<sm90::WsConfig<kD, 64, 2, 2, true, T>>(p, stream);
+                if (cfg == 3) launched = launch_sm90_ws<sm90::WsConfig<kD, 64, 2, 3, false, T>>(p, stream);
+                if (cfg == 4) launched = launch_sm90_ws<ThreeWg>(p, stream);
+                if (cfg == 5) launched = launch_sm90_ws<TwoWg>(p, stream);
+#endif
+                if (!launched) {
+                    if constexpr (kD == 64) {
+                        launched = short_causal ? launch_sm90_ws<TwoWg>(p, stream) : launch_sm90_ws<ThreeWg>(p, stream);
+                    } else {
+                        launched = launch_sm90_ws<TwoWg>(p, stream);
+                    }
+                }
+                if (launched) return;
+            }
+            // The Hopper kernel without warp specialization (K/V that TMA cannot address, or the
+            // A/B switch). Tiles measured on an H200 (2026-11-22, S = 1k-16k, fp16/bf16): two
+            // warpgroups (128 rows) with 128-key blocks at D = 64 (273 TFLOP/s at 16k against 267
+            // with one warpgroup x 64 keys), 64-key blocks at D = 128 (345 against 329 with 128 keys).
             constexpr int kBlockN = kD == 64 ? 128 : 64;
             return launch_sm90<sm90::Config<kD, kBlockN, 2, T>>(p, stream);
         }

@@ -1,0 +1,482 @@
+// flash_fwd_sm90_ws.cuh: the warp-specialized Hopper (sm_90a) forward kernel. Same math and row
+// mapping as flash_fwd_sm90.cuh (wgmma for S = Q·Kᵀ from shared memory and O += P·V with P from
+// registers, online softmax in registers, S of block j and P·V of block j-1 in flight together),
+// but the CTA is split by role, as in FlashAttention-3:
+//   - warpgroup 0 is the producer: one warp issues TMA copies of whole K/V blocks (one thread, no
+//     address math per element, swizzle done by the copy engine) into kStages-deep rings and
+//     stages the key-padding mask bias, then gives most of its registers away (setmaxnreg);
+//   - warpgroups 1..kConsumers own 64 query rows each and only compute. They meet the producer
+//     through mbarriers (full: the block landed; empty: every consumer warp is done with it), never
+//     through a CTA-wide barrier, so the two consumer warpgroups drift apart and, with kPingPong,
+//     take turns on the tensor cores: one issues its GEMMs while the other runs its softmax.
+// The one block that ends inside a batch's nonpad_kv_seqlen (keys past it are real memory that
+// may hold anything, so they must be zeros, not just unread) is copied with cp.async zero-fill by
+// the producer warp instead of TMA.
+#pragma once
+
+#include <cuda.h>
+
+#include "flash_fwd_sm90.cuh"
+
+namespace flash_ort {
+namespace sm90 {
+
+// TMA descriptors of K and V as 4D tensors (dim, seq, head, batch), built on the host per call.
+struct alignas(64) KVMaps {
+    CUtensorMap k;
+    CUtensorMap v;
+};
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+// Blocks until the barrier's phase with parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    uint32_t done = 0;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\n"
+            "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+// A [64 columns, rows] box of a 4D tensor map to shared memory; completion counted in bytes on `bar`.
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0,
+                                            int c1, int c2, int c3) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, "
+        "%4, %5}], [%6];\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+        : "memory");
+}
+__device__ __forceinline__ void named_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+template <int kRegs>
+__device__ __forceinline__ void regs_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void regs_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
+template <int kD_, int kBlockN_, int kConsumers_, int kStages_, bool kPingPong_, typename T_>
+struct WsConfig {
+    static constexpr int kD = kD_;
+    static constexpr int kBlockN = kBlockN_;
+    static constexpr int kConsumers = kConsumers_;  // warpgroups of 64 query rows
+    static constexpr int kStages = kStages_;        // depth of the K ring and of the V ring
+    static constexpr bool kPingPong = kPingPong_ && kConsumers == 2;
+    static constexpr int kBlockM = 64 * kConsumers;
+    static constexpr int kThreads = 128 * (kConsumers + 1);
+    // Registers per thread after the split (a multiple of 8; 128 x producer + consumers x 128 x
+    // consumer <= 64K).
+    static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32;
+    static constexpr int kConsumerRegs = kConsumers == 2 ? 240 : 160;
+    static_assert(kD % 64 == 0 && (kBlockN == 64 || kBlockN == 128), "whole swizzled panels");
+    static constexpr int kQBytes = kBlockM * kD * 2;
+    static constexpr int kKVBytes = kBlockN * kD * 2;
+    static constexpr int kBiasBytes = kStages * kBlockN * 4;
+    static constexpr int kBarBytes = 4 * kStages * 8;
+    // + 1024: the dynamic shared memory base is only 16-byte aligned; the swizzle needs 1024.
+    static constexpr size_t kSmemBytes = kQBytes + 2 * kStages * kKVBytes + kBiasBytes + kBarBytes + 1024;
+    using T = T_;
+};
+
+template <typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    flash_fwd_sm90_ws_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ KVMaps maps) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    using T = typename Cfg::T;
+    constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
+    constexpr int kNT = kBlockN / 8;
+    constexpr int kDT = kD / 8;
+    constexpr int kConsumerWarps = 4 * Cfg::kConsumers;
+    constexpr float kLog2e = 1.4426950408889634f;
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const uint32_t raw = smem_u32(smem_raw);
+    const uint32_t base = (raw + 1023u) & ~1023u;
+    const uint32_t sQ = base;
+    const uint32_t sK = sQ + Cfg::kQBytes;
+    const uint32_t sV = sK + kStages * Cfg::kKVBytes;
+    const uint32_t bias_off = Cfg::kQBytes + 2 * kStages * Cfg::kKVBytes;
+    float* s_bias = reinterpret_cast<float*>(smem_raw + (base - raw) + bias_off);
+    const uint32_t bars = base + bias_off + Cfg::kBiasBytes;
+    auto full_k = [&](int s) { return bars + 8 * s; };
+    auto full_v = [&](int s) { return bars + 8 * (kStages + s); };
+    auto empty_k = [&](int s) { return bars + 8 * (2 * kStages + s); };
+    auto empty_v = [&](int s) { return bars + 8 * (3 * kStages + s); };
+
+    const int tid = threadIdx.x;
+    const int warp = tid / 32, lane = tid % 32;
+    const int role = warp / 4;  // 0 producer, 1.. consumer warpgroups
+
+    const int m_block = gridDim.x - 1 - blockIdx.x;  // heavy (late) row blocks first
+    const int split = blockIdx.y;
+    const int bh = blockIdx.z;
+    const int b = bh / p.kv_heads, kvh = bh % p.kv_heads;
+    const int m0 = m_block * kBlockM;
+    const int m_end = min(m0 + kBlockM, p.m_rows);
+
+    const KeyBounds kb(p, b);
+    const int kv_end = kb.kv_end;
+    const BlockRange range = block_range<kBlockN>(p, kb, m0, m_end, split);
+    const int n_begin = range.n_begin, n_end = range.n_end;
+    const int count = max(0, n_end - n_begin);
+    const bool has_mask = p.mask_kind != kMaskNone;
+
+    if (tid == 0) {
+        for (int s = 0; s < kStages; ++s) {
+            // full: the producer warp's 32 lanes arrive (lane 0 with the TMA byte count).
+            mbar_init(full_k(s), 32);
+            mbar_init(full_v(s), 32);
+            mbar_init(empty_k(s), kConsumerWarps);
+            mbar_init(empty_v(s), kConsumerWarps);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (role == 0) {
+        // ----------------------------------------------------------------- producer
+        regs_dec<Cfg::kProducerRegs>();
+        if (warp != 0) return;
+        const T* kbase = static_cast<const T*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1];
+        const T* vbase = static_cast<const T*>(p.v) + b * p.v_stride[0] + kvh * p.v_stride[1];
+        // Rows [key0, key0 + kBlockN) of K or V by cp.async, zeros at and past kv_end; the lanes'
+        // copies complete, become visible to the tensor cores' proxy, then count as arrivals.
+        auto copy_manual = [&](uint32_t dst, const T* src_base, int64_t row_stride, int dcols, int key0,
+                               uint32_t bar) {
+            constexpr int kChunksPerRow = kD / 8;
+            for (int c = lane; c < kBlockN * kChunksPerRow; c += 32) {
+                const int r = c / kChunksPerRow, chunk = c % kChunksPerRow;
+                const int key = key0 + r;
+                const bool valid = key < kv_end && chunk * 8 < dcols;
+                const void* src = valid ? (const void*)(src_base + (int64_t)key * row_stride + chunk * 8)
+                                        : (const void*)src_base;
+                cp_async16(dst + swizzled<kBlockN>(r, chunk), src, valid);
+            }
+            cp_async_commit();
+            cp_async_wait<0>();
+            fence_async_smem();
+            mbar_arrive(bar);
+        };
+        for (int it = 0; it < count; ++it) {
+            const int n = n_end - 1 - it;
+            const int key0 = n * kBlockN;
+            const int s = it % kStages;
+            const uint32_t phase = (it / kStages) & 1;
+            const bool manual = key0 + kBlockN > kv_end && kv_end < p.kv_len;
+            mbar_wait(empty_k(s), phase ^ 1);
+            if (has_mask) {
+                for (int j = lane; j < kBlockN; j += 32) {
+                    const int key = key0 + j;
+                    s_bias[s * kBlockN + j] =
+                        key < kv_end ? mask_value<T>(p.mask, p.mask_kind, b * p.m_stride[0] + (int64_t)key * p.m_stride[3])
+                                     : 0.f;
+                }
+            }
+            if (manual) {
+                copy_manual(sK + s * Cfg::kKVBytes, kbase, p.k_stride[2], p.d, key0, full_k(s));
+            } else if (lane == 0) {
+                mbar_arrive_expect_tx(full_k(s), Cfg::kKVBytes);
+#pragma unroll
+                for (int panel = 0; panel < kD / 64; ++panel)
+                    tma_load_4d(sK + s * Cfg::kKVBytes + panel * kBlockN * 128, &maps.k, full_k(s), panel * 64,
+                                key0, kvh, b);
+            } else {
+                mbar_arrive(full_k(s));
+            }
+            mbar_wait(empty_v(s), phase ^ 1);
+            if (manual) {
+                copy_manual(sV + s * Cfg::kKVBytes, vbase, p.v_stride[2], p.dv, key0, full_v(s));
+            } else if (lane == 0) {
+                mbar_arrive_expect_tx(full_v(s), Cfg::kKVBytes);
+#pragma unroll
+                for (int panel = 0; panel < kD / 64; ++panel)
+                    tma_load_4d(sV + s * Cfg::kKVBytes + panel * kBlockN * 128, &maps.v, full_v(s), panel * 64,
+                                key0, kvh, b);
+            } else {
+                mbar_arrive(full_v(s));
+            }
+        }
+        return;
+    }
+
+    // --------------------------------------------------------------------- consumers
+    regs_inc<Cfg::kConsumerRegs>();
+    const int wg = role - 1;  // rows [64 wg, 64 wg + 64) of the CTA
+    const int ctid = tid - 128 * role;
+    const int g = lane / 4, t4 = lane % 4;
+    const int wg_m0 = m0 + wg * 64;
+    const bool wg_active = wg_m0 < p.m_rows;
+
+    auto row_m_of = [&](int r) { return wg_m0 + (warp % 4) * 16 + g + 8 * r; };
+    int row_lo_k[2], row_hi_k[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = min(row_m_of(r), p.m_rows - 1) / p.group;
+        row_lo_k[r] = kb.lo(i);
+        row_hi_k[r] = kb.hi(i);
+    }
+    const int lo_last = range.lo_last, hi_first = range.hi_first;
+
+    float o[kD / 2];
+#pragma unroll
+    for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
+    float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};
+
+    const bool additive = p.mask_kind >= kMaskF32;
+    const float pre = additive ? p.scale : p.scale * kLog2e;
+    const float post = additive ? kLog2e : 1.f;
+
+    if (count > 0) {
+        // This warpgroup's 64 rows of Q (GQA rows interleave heads, which a TMA box cannot express).
+        {
+            const T* q = static_cast<const T*>(p.q);
+            constexpr int kChunksPerRow = kD / 8;
+#pragma unroll 4
+            for (int c = ctid; c < 64 * kChunksPerRow; c += 128) {
+                const int r = wg * 64 + c / kChunksPerRow, chunk = c % kChunksPerRow;
+                const int m = m0 + r;
+                const bool valid = m < p.m_rows && chunk * 8 < p.d;
+                const T* src = q;
+                if (valid) {
+                    const int i = m / p.group, h = kvh * p.group + m % p.group;
+                    src = q + b * p.q_stride[0] + h * p.q_stride[1] + (int64_t)i * p.q_stride[2] + chunk * 8;
+                }
+                cp_async16(sQ + swizzled<kBlockM>(r, chunk), src, valid);
+            }
+            cp_async_commit();
+            cp_async_wait<0>();
+            fence_async_smem();
+            named_sync(1 + wg, 128);
+        }
+
+        float s[kBlockN / 2];
+        uint32_t pa[kBlockN / 16][4];
+        auto issue_s = [&](int stage) {
+#pragma unroll
+            for (int kk = 0; kk < kD / 16; ++kk) {
+                const uint32_t col = (kk % 4) * 32;
+                const uint64_t da = make_desc(sQ + (kk / 4) * kBlockM * 128 + wg * 64 * 128 + col, 16, 1024);
+                const uint64_t db = make_desc(sK + stage * Cfg::kKVBytes + (kk / 4) * kBlockN * 128 + col, 16, 1024);
+                wgmma::Ops<kBlockN, T>::ss(s, da, db, kk > 0 ? 1 : 0);
+            }
+            wg_commit();
+        };
+        auto issue_pv = [&](int stage) {
+#pragma unroll
+            for (int kk = 0; kk < kBlockN / 16; ++kk) {
+                const uint64_t db = make_desc(sV + stage * Cfg::kKVBytes + kk * 16 * 128, kBlockN * 128, 1024);
+                wgmma::Ops<kD, T>::rs(o, pa[kk], db, 1);
+            }
+            wg_commit();
+        };
+        auto softmax = [&](int n, int stage, float (&alphas)[2]) -> bool {
+            const int key0 = n * kBlockN;
+            const bool inside = key0 >= lo_last && key0 + kBlockN <= hi_first;
+            const float* bias = s_bias + stage * kBlockN;
+            auto run = [&](auto mode_tag) -> bool {
+                constexpr int kMode = decltype(mode_tag)::value;
+                constexpr bool kBounds = kMode == 1 || kMode == 3;
+                constexpr bool kBias = kMode >= 2;
+                if constexpr (kMode != 0) {
+#pragma unroll
+                    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int kl = j * 8 + 2 * t4 + (e & 1);
+                            float x = s[j * 4 + e] * pre;
+                            if constexpr (kBias) x += bias[kl];
+                            if constexpr (kBounds) {
+                                const int r = e / 2, key = key0 + kl;
+                                x = (key < row_lo_k[r] || key >= row_hi_k[r]) ? -INFINITY : x;
+                            }
+                            s[j * 4 + e] = x;
+                        }
+                    }
+                }
+                bool moved = false;
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    float mx = -INFINITY;
+#pragma unroll
+                    for (int j = 0; j < kNT; ++j) mx = fmaxf(mx, fmaxf(s[j * 4 + 2 * r], s[j * 4 + 2 * r + 1]));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+                    if constexpr (kMode == 0) mx *= pre;
+                    const float m_new = fmaxf(row_m[r], mx);
+                    moved |= m_new != row_m[r];
+                    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+                    alphas[r] = fast_exp2((row_m[r] - m_use) * post);
+                    row_m[r] = m_new;
+                    float sum = 0.f;
+#pragma unroll
+                    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+                        for (int c = 0; c < 2; ++c) {
+                            float& x = s[j * 4 + 2 * r + c];
+                            if constexpr (kMode == 0) {
+                                x = fast_exp2(fmaf(x, pre, -m_use));
+                            } else {
+                                x = fast_exp2((x - m_use) * post);
+                            }
+                            sum += x;
+                        }
+                    }
+                    row_l[r] = row_l[r] * alphas[r] + sum;
+                }
+                return __any_sync(0xffffffff, moved);
+            };
+            if (!has_mask) {
+                return inside && pre > 0.f ? run(std::integral_constant<int, 0>{})
+                                           : run(std::integral_constant<int, 1>{});
+            }
+            return inside ? run(std::integral_constant<int, 2>{}) : run(std::integral_constant<int, 3>{});
+        };
+        auto rescale_o = [&](const float (&alphas)[2]) {
+#pragma unroll
+            for (int j = 0; j < kDT; ++j) {
+                o[j * 4 + 0] *= alphas[0];
+                o[j * 4 + 1] *= alphas[0];
+                o[j * 4 + 2] *= alphas[1];
+                o[j * 4 + 3] *= alphas[1];
+            }
+        };
+        auto pack_p = [&]() {
+#pragma unroll
+            for (int kk = 0; kk < kBlockN / 16; ++kk) {
+                pa[kk][0] = Mma<T>::pack(s[8 * kk + 0], s[8 * kk + 1]);
+                pa[kk][1] = Mma<T>::pack(s[8 * kk + 2], s[8 * kk + 3]);
+                pa[kk][2] = Mma<T>::pack(s[8 * kk + 4], s[8 * kk + 5]);
+                pa[kk][3] = Mma<T>::pack(s[8 * kk + 6], s[8 * kk + 7]);
+            }
+        };
+        // A stage is handed back by one lane per consumer warp once that warp's wgmmas reading it
+        // completed (and, for K, once the softmax read the stage's mask bias).
+        auto release = [&](uint32_t bar) {
+            if (lane == 0) mbar_arrive(bar);
+        };
+        // Ping-pong: warpgroup w issues its GEMMs only after the other one issued its own, so
+        // one's softmax runs while the other's GEMMs hold the tensor cores. Barrier 3 + w is "w's
+        // turn"; it completes with w's 128 threads syncing and the other's 128 arriving.
+        constexpr bool kPP = Cfg::kPingPong;
+        if constexpr (kPP) {
+            if (wg == 1) named_arrive(3 + 0, 256);  // warpgroup 0 goes first
+        }
+        auto turn_begin = [&]() {
+            if constexpr (kPP) named_sync(3 + wg, 256);
+        };
+        auto turn_end = [&](bool last) {
+            if constexpr (kPP) {
+                // Warpgroup 1's arrival after its last turn would have no partner: skip it.
+                if (!(last && wg == 1)) named_arrive(3 + (1 - wg), 256);
+            }
+        };
+
+        // Block it = 0 (n = n_end - 1): S only.
+        mbar_wait(full_k(0), 0);
+        turn_begin();
+        wg_fence();
+        issue_s(0);
+        turn_end(count == 1);
+        wg_wait<0>();
+        pin(s);
+        {
+            float alphas[2];
+            softmax(n_end - 1, 0, alphas);
+        }
+        release(empty_k(0));
+        pack_p();
+        for (int it = 1; it < count; ++it) {
+            const int st = it % kStages, prev = (it - 1) % kStages;
+            mbar_wait(full_k(st), (it / kStages) & 1);
+            mbar_wait(full_v(prev), ((it - 1) / kStages) & 1);
+            turn_begin();
+            wg_fence();
+            issue_s(st);
+            issue_pv(prev);
+            turn_end(it == count - 1);
+            wg_wait<1>();
+            pin(s);
+            float alphas[2];
+            const bool moved = softmax(n_end - 1 - it, st, alphas);
+            release(empty_k(st));
+            wg_wait<0>();
+            pin(o);
+            release(empty_v(prev));
+            if (moved) rescale_o(alphas);
+            pack_p();
+        }
+        {
+            const int last = (count - 1) % kStages;
+            mbar_wait(full_v(last), ((count - 1) / kStages) & 1);
+            wg_fence();
+            issue_pv(last);
+            wg_wait<0>();
+            pin(o);
+            release(empty_v(last));
+        }
+    }
+
+    if (!wg_active) return;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = row_l[r];
+        l += __shfl_xor_sync(0xffffffff, l, 1);
+        l += __shfl_xor_sync(0xffffffff, l, 2);
+        row_l[r] = l;
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int m = row_m_of(r);
+        if (m >= p.m_rows) continue;
+        const float l = row_l[r];
+        const float inv = l > 0.f ? 1.f / l : 0.f;  // no visible key: zeros, never NaN
+        const int i = m / p.group, h = kvh * p.group + m % p.group;
+        if (p.write_accum) {
+            const int64_t row = (((int64_t)split * p.batch + b) * p.q_heads + h) * p.q_len + i;
+            float* dst = p.o_accum + row * p.dv;
+#pragma unroll
+            for (int j = 0; j < kDT; ++j) {
+                const int col = j * 8 + 2 * t4;
+                if (col < p.dv)
+                    *reinterpret_cast<float2*>(dst + col) =
+                        make_float2(o[j * 4 + 2 * r] * inv, o[j * 4 + 2 * r + 1] * inv);
+            }
+            if (t4 == 0) {
+                const float m_nat = row_m[r] * (additive ? 1.f : 0.6931471805599453f);
+                p.lse_accum[row] = l > 0.f ? m_nat + logf(l) : -INFINITY;
+            }
+        } else {
+            T* dst = static_cast<T*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1] + (int64_t)i * p.o_stride[2];
+#pragma unroll
+            for (int j = 0; j < kDT; ++j) {
+                const int col = j * 8 + 2 * t4;
+                if (col < p.dv) Mma<T>::store2(dst + col, o[j * 4 + 2 * r] * inv, o[j * 4 + 2 * r + 1] * inv);
+            }
+        }
+    }
+#else
+    __trap();
+#endif
+}
+
+}  // namespace sm90
+}  // namespace flash_ort
