@@ -57,7 +57,7 @@ def number(v):
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def kernel_plots(rows: list, out: Path, subtitle: str) -> list:
+def kernel_plots(rows: list, out: Path, subtitle: str, prefix: str = "") -> list:
     written = []
     fwd = [r for r in rows if not r.get("decode")]
     for dtype in sorted({r["dtype"] for r in fwd}):
@@ -81,7 +81,7 @@ def kernel_plots(rows: list, out: Path, subtitle: str) -> list:
         axes[0][0].set_ylabel("attention forward TFLOP/s")
         axes[0][0].legend(fontsize=8, loc="lower right")
         fig.suptitle(f"Attention forward, {dtype}, hidden 2048 — {subtitle}")
-        written.append(save(fig, out / f"kernel_tflops_{dtype}.png"))
+        written.append(save(fig, out / f"{prefix}kernel_tflops_{dtype}.png"))
     dec = [r for r in rows if r.get("decode") and r.get("dtype", "float16") == "float16"]
     if dec:
         dec.sort(key=lambda r: (r["b"], r["skv"]))
@@ -100,7 +100,7 @@ def kernel_plots(rows: list, out: Path, subtitle: str) -> list:
         ax.set_title(f"Decode (Sq=1), {h['hq']} query / {h['hkv']} KV heads, D={h['d']}, fp16 — {subtitle}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-        written.append(save(fig, out / "kernel_decode.png"))
+        written.append(save(fig, out / f"{prefix}kernel_decode.png"))
     return written
 
 
@@ -170,6 +170,7 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="folder for the PNG files")
     ap.add_argument("--device", help="GPU name for the kernel plots' titles")
     ap.add_argument("--date", help="date of the kernel run, for the titles")
+    ap.add_argument("--prefix", default="", help="prefix of the kernel plots' file names (ort_ for the op-in-ORT run)")
     a = ap.parse_args()
     if not a.kernel and not a.models:
         ap.error("nothing to plot: give --kernel and/or --models")
@@ -181,7 +182,7 @@ def main() -> int:
         if not isinstance(rows, list):
             ap.error(f"--kernel {a.kernel}: expected the list of rows gpu_ort_bench.py writes")
         subtitle = ", ".join(x for x in (a.device, a.date) if x) or "device not given (--device)"
-        written += kernel_plots(rows, out, subtitle)
+        written += kernel_plots(rows, out, subtitle, a.prefix)
     if a.models:
         res = json.loads(Path(a.models).read_text())
         if "points" not in res:
