@@ -97,7 +97,11 @@ Layout plan(const AttnArgs& a) {
                         ", keys " + std::to_string(a.kv_len) + ", batch x kv_heads " +
                         std::to_string(a.batch * a.kv_heads) + ")");
     }
-    const TileShape tile = fwd_tile(l.d_pad, m_rows <= kSmallRows);
+    const bool key_mask_only =
+        a.mask_kind == kMaskNone || (a.mask_strides[1] == 0 && a.mask_strides[2] == 0);
+    const bool sm90_decode =
+        m_rows <= kSmallRows && decode_on_sm90(l.d_pad, a.softcap != 0.f, key_mask_only);
+    const TileShape tile = sm90_decode ? kSm90DecodeTile : fwd_tile(l.d_pad, m_rows <= kSmallRows);
     const int64_t m_blocks = (m_rows + tile.block_m - 1) / tile.block_m;
     const int64_t n_blocks = (a.kv_len + tile.block_n - 1) / tile.block_n;
     const int64_t ctas = m_blocks * a.batch * a.kv_heads;
@@ -107,7 +111,9 @@ Layout plan(const AttnArgs& a) {
     const int64_t smem = fwd_smem_bytes(l.d_pad, tile) + 1024;  // + the per-CTA reservation
     const int64_t by_smem = a.smem_per_sm > 0 ? a.smem_per_sm / smem : 1;
     const int64_t by_regs = 65536 / (32LL * tile.warps * 256);
-    const int64_t per_sm = std::max<int64_t>(1, std::min({by_smem, by_regs, (int64_t)32}));
+    // The Hopper decode kernel holds 128 KB of K/V stages and up to 255 registers a thread: one a SM.
+    const int64_t per_sm =
+        sm90_decode ? 1 : std::max<int64_t>(1, std::min({by_smem, by_regs, (int64_t)32}));
     const int64_t resident = per_sm * std::max(1, a.sm_count);
     int64_t splits = 1;
     if (ctas > 0 && ctas * 10 < resident * 8 && n_blocks >= 4) {

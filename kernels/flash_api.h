@@ -35,6 +35,19 @@ constexpr TileShape fwd_tile(int d_padded, bool small) {
     if (d_padded <= 128) return TileShape{128, 64, 4, 2};
     return d_padded <= 192 ? TileShape{64, 64, 4, 2} : TileShape{64, 32, 4, 2};
 }
+// True on a Hopper GPU with the build's sm_90a code and the warp-specialized kernel enabled
+// (FLASH_ORT_SM90_WS unset or not 0). Defined in flash_aux.cu.
+bool hopper_ws_enabled();
+
+// Decode-shaped calls (<= kSmallRows rows per (batch, KV head)) that run the warp-specialized
+// Hopper kernel with one consumer warpgroup: a 64-row tile (rows past the problem are zeros),
+// 128-key blocks brought by TMA, one CTA per SM. The split-KV plan (cpp/bridge.cc) and the
+// launcher (flash_fwd_launch.cuh) both ask this, so they agree on the tile.
+constexpr TileShape kSm90DecodeTile{64, 128, 8, 2};
+inline bool decode_on_sm90(int d_padded, bool softcap, bool key_mask_only) {
+    return (d_padded == 64 || d_padded == 128) && !softcap && key_mask_only && hopper_ws_enabled();
+}
+
 // Shared memory of one CTA: Q tile plus `stages` K and V tiles, rows padded by 8 elements.
 constexpr int fwd_smem_bytes(int d_padded, TileShape t) {
     return (t.block_m + 2 * t.stages * t.block_n) * (d_padded + 8) * 2;

@@ -7,8 +7,14 @@
 #include <string>
 
 #include "flash_api.h"
+#include "flash_fwd_launch.cuh"
 
 namespace flash_ort {
+
+bool hopper_ws_enabled() {
+    static const bool ws = env_int("FLASH_ORT_SM90_WS", 1) != 0;
+    return ws && use_sm90();
+}
 
 void check_launch(const char* what) {
     cudaError_t err = cudaGetLastError();

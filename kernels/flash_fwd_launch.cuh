@@ -180,8 +180,7 @@ void run_fwd(const FwdParams& p, cudaStream_t stream) {
     constexpr TileShape big = fwd_tile(kD, false);
     if (sm90_covers<kD>(p)) {
         if constexpr (kD == 64 || kD == 128) {
-            static const bool ws = env_int("FLASH_ORT_SM90_WS", 1) != 0;
-            if (ws) {
+            if (hopper_ws_enabled()) {
                 // Measured on an H200 (2026-11-22, fp16/bf16, S = 1k-16k): two consumer
                 // warpgroups with 128-key blocks and ping-pong at D = 128 (590-654 TFLOP/s at
                 // 16k, non-causal); at D = 64 three consumer warpgroups (192 rows, no ping-pong:
@@ -217,6 +216,13 @@ void run_fwd(const FwdParams& p, cudaStream_t stream) {
         }
     }
     if (p.m_rows <= kSmallRows) {
+        if constexpr (kD == 64 || kD == 128) {
+            const bool key_mask_only = p.mask_kind == kMaskNone || (p.m_stride[1] == 0 && p.m_stride[2] == 0);
+            if (decode_on_sm90(kD, p.softcap != 0.f, key_mask_only) &&
+                launch_sm90_ws<sm90::WsConfig<kD, kSm90DecodeTile.block_n, 1, kSm90DecodeTile.stages, false, T>>(p,
+                                                                                                             stream))
+                return;
+        }
         launch_fwd<FwdConfig<kD, small.block_m, small.block_n, small.warps, small.stages, T>>(p, stream);
     } else {
 #ifdef FLASH_ORT_TILE_EXPERIMENT

@@ -85,6 +85,8 @@ struct WsConfig {
     static constexpr int kThreads = 128 * (kConsumers + 1);
     // Registers per thread after the split (a multiple of 8; 128 x producer + consumers x 128 x
     // consumer <= 64K).
+    // One consumer (decode tiles): 256 threads have all the registers they can use, no exchange.
+    static constexpr bool kSetRegs = kConsumers > 1;
     static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32;
     static constexpr int kConsumerRegs = kConsumers == 2 ? 240 : 160;
     static_assert(kD % 64 == 0 && (kBlockN == 64 || kBlockN == 128), "whole swizzled panels");
@@ -154,7 +156,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
     if (role == 0) {
         // ----------------------------------------------------------------- producer
-        regs_dec<Cfg::kProducerRegs>();
+        if constexpr (Cfg::kSetRegs) regs_dec<Cfg::kProducerRegs>();
         if (warp != 0) return;
         const T* kbase = static_cast<const T*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1];
         const T* vbase = static_cast<const T*>(p.v) + b * p.v_stride[0] + kvh * p.v_stride[1];
@@ -219,7 +221,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     }
 
     // --------------------------------------------------------------------- consumers
-    regs_inc<Cfg::kConsumerRegs>();
+    if constexpr (Cfg::kSetRegs) regs_inc<Cfg::kConsumerRegs>();
     const int wg = role - 1;  // rows [64 wg, 64 wg + 64) of the CTA
     const int ctid = tid - 128 * role;
     const int g = lane / 4, t4 = lane % 4;
