@@ -29,7 +29,9 @@ enum Command {
         long_about = "Rewrite every attention site of IN into one com.flash.FlashAttention node each and \
         write OUT. Sites that fail a check are left as they were; the summary says why. External-data \
         weights are never loaded: OUT references the same files (linked beside OUT when it is written \
-        to another folder)."
+        to another folder). Each fused site's Q, K and V projections (three MatMuls of one input, \
+        with or without bias Adds) are packed into one MatMul, one Add and a Split, as ONNX \
+        Runtime's own attention does; --no-pack-qkv keeps them apart."
     )]
     Fuse {
         /// The ONNX model to rewrite.
@@ -50,6 +52,10 @@ enum Command {
         /// onnxruntime-gpu libonnxruntime.so in ORT_DYLIB_PATH).
         #[arg(long, default_value = "cpu", value_name = "cpu|cuda")]
         provider: verify::runtime::Provider,
+        /// Keep each fused site's Q, K and V projections as three MatMuls (by default they are
+        /// packed into one MatMul + Add + Split).
+        #[arg(long)]
+        no_pack_qkv: bool,
     },
     /// List every attention site of a model: fusable or not, and why.
     Inspect {
@@ -83,7 +89,7 @@ enum Command {
         #[arg(long, default_value = "cpu", value_name = "cpu|cuda")]
         provider: verify::runtime::Provider,
     },
-    /// List the skip reason codes and what they mean.
+    /// List the skip reason codes (and why Q/K/V projections stay unpacked) and what they mean.
     Codes,
 }
 
@@ -157,9 +163,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             report,
             tolerance,
             provider,
+            no_pack_qkv,
         } => {
             let mut loaded = graph::load_model(&input)?;
-            let rep = fuse::fuse_model(&mut loaded.model, true);
+            let opts = fuse::Options {
+                apply: true,
+                pack_qkv: !no_pack_qkv,
+            };
+            let rep = fuse::fuse_model_with(&mut loaded.model, &opts);
             graph::save_model(&loaded.model, &output, &loaded)?;
             out!("{}", rep.human());
             if rep.fused == 0 {
@@ -210,7 +221,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Codes => {
-            for (code, what) in fuse::reason::CODES {
+            for (code, what) in fuse::reason::CODES.iter().chain(fuse::pack_qkv::CODES) {
                 outln!("{code:<36} {what}");
             }
         }

@@ -613,6 +613,7 @@ pub fn match_softmax(
                 "BHSD".into()
             },
             layout_note: None,
+            qkv_pack: None,
         },
     })
 }

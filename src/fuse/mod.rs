@@ -7,6 +7,7 @@ pub mod decomposed;
 pub mod gqa;
 pub mod layout;
 pub mod mask;
+pub mod pack_qkv;
 pub mod plan;
 pub mod reason;
 pub mod report;
@@ -22,12 +23,43 @@ pub use plan::{DOMAIN, OP_TYPE};
 pub use reason::Skip;
 pub use report::{Report, SiteReport};
 
+/// What a run does besides finding sites.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Rewrite the fusable sites (else only report them).
+    pub apply: bool,
+    /// Pack each fused site's Q, K and V projections into one MatMul (fuse::pack_qkv).
+    pub pack_qkv: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            apply: true,
+            pack_qkv: true,
+        }
+    }
+}
+
 /// Finds every site; rewrites the fusable ones when `apply` is true (else only reports).
+/// Q/K/V projections are packed; [`fuse_model_with`] can turn that off.
 pub fn fuse_model(model: &mut ModelProto, apply: bool) -> Report {
+    fuse_model_with(
+        model,
+        &Options {
+            apply,
+            ..Default::default()
+        },
+    )
+}
+
+/// [`fuse_model`] with every choice spelled out.
+pub fn fuse_model_with(model: &mut ModelProto, opts: &Options) -> Report {
+    let apply = opts.apply;
     let opset = opset_of(&model.opset_import, "");
     let mut report = Report::default();
     if let Some(g) = model.graph.as_mut() {
-        fuse_graph(g, "main", opset, None, apply, &mut report);
+        fuse_graph(g, "main", opset, None, opts, &mut report);
     }
     let mut fused_in_functions = Vec::new();
     for (fi, f) in model.functions.iter_mut().enumerate() {
@@ -58,7 +90,7 @@ pub fn fuse_model(model: &mut ModelProto, apply: bool) -> Report {
         };
         let before = report.fused;
         let path = format!("function:{}", f.name.as_deref().unwrap_or("?"));
-        fuse_graph(&mut g, &path, fopset, None, apply, &mut report);
+        fuse_graph(&mut g, &path, fopset, None, opts, &mut report);
         f.node = g.node;
         if report.fused > before {
             fused_in_functions.push(fi);
@@ -99,9 +131,10 @@ fn fuse_graph(
     path: &str,
     opset: i64,
     outer: Option<&Infos>,
-    apply: bool,
+    opts: &Options,
     report: &mut Report,
 ) {
+    let apply = opts.apply;
     let (plans, infos) = {
         let view = GraphView::new(g, outer);
         let mut names = plan::Names::new(g);
@@ -163,6 +196,9 @@ fn fuse_graph(
             let plans: Vec<plan::Plan> = folded.into_iter().map(|f| f.plan).collect();
             rewrite::apply(g, &plans);
         }
+        if opts.pack_qkv {
+            pack_projections(g, path, opset, outer, report);
+        }
     }
     // Subgraphs see the outer graph's tensors.
     for n in g.node.iter_mut() {
@@ -175,7 +211,7 @@ fn fuse_graph(
                     &format!("{path}/{label}.{an}"),
                     opset,
                     Some(&infos),
-                    apply,
+                    opts,
                     report,
                 );
             }
@@ -185,10 +221,28 @@ fn fuse_graph(
                     &format!("{path}/{label}.{an}[{k}]"),
                     opset,
                     Some(&infos),
-                    apply,
+                    opts,
                     report,
                 );
             }
         }
     }
+}
+
+/// Third pass: each fused node's Q, K and V projections packed into one MatMul.
+fn pack_projections(
+    g: &mut GraphProto,
+    path: &str,
+    opset: i64,
+    outer: Option<&Infos>,
+    report: &mut Report,
+) {
+    let (packed, unpacked) = pack_qkv::plans(&GraphView::new(g, outer), opset);
+    for u in &unpacked {
+        report.note_unpacked(path, &u.node, u.code, &u.detail);
+    }
+    for p in &packed {
+        report.note_packed(path, &p.node, &p.note);
+    }
+    pack_qkv::apply(g, packed);
 }

@@ -35,6 +35,21 @@ pub struct Summary {
     /// other readers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layout_note: Option<String>,
+    /// Whether the Q, K and V projections were packed into one MatMul (fuse::pack_qkv); absent
+    /// when packing was off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qkv_pack: Option<QkvPack>,
+}
+
+/// The outcome of packing one fused site's projections.
+#[derive(Clone, Debug, Serialize)]
+pub struct QkvPack {
+    pub packed: bool,
+    /// Why not (a code of `fuse::pack_qkv::CODES`), when not packed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+    /// What replaced what, or the sentence behind `reason`.
+    pub note: String,
 }
 
 /// Makes tensor and node names that do not clash with the graph's.

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::plan::{Plan, Summary};
+use super::plan::{Plan, QkvPack, Summary};
 use super::reason::Skip;
 use crate::graph::view::{node_label, GraphView};
 
@@ -11,6 +11,8 @@ use crate::graph::view::{node_label, GraphView};
 pub struct Report {
     pub fused: usize,
     pub skipped: usize,
+    /// Fused sites whose Q, K and V projections were packed into one MatMul.
+    pub qkv_packed: usize,
     pub sites: Vec<SiteReport>,
 }
 
@@ -70,6 +72,36 @@ impl Report {
     }
 }
 
+impl Report {
+    fn note_pack(&mut self, graph: &str, node: &str, pack: QkvPack) {
+        let packed = pack.packed;
+        if let Some(summary) = self.site_of(graph, node).and_then(|s| s.summary.as_mut()) {
+            summary.qkv_pack = Some(pack);
+            self.qkv_packed += usize::from(packed);
+        }
+    }
+
+    /// Records that fused node `node` of `graph` reads Q, K and V from one packed MatMul.
+    pub fn note_packed(&mut self, graph: &str, node: &str, note: &str) {
+        let pack = QkvPack {
+            packed: true,
+            reason: None,
+            note: note.into(),
+        };
+        self.note_pack(graph, node, pack);
+    }
+
+    /// Records why fused node `node` of `graph` keeps its projections apart.
+    pub fn note_unpacked(&mut self, graph: &str, node: &str, code: &'static str, detail: &str) {
+        let pack = QkvPack {
+            packed: false,
+            reason: Some(code),
+            note: detail.into(),
+        };
+        self.note_pack(graph, node, pack);
+    }
+}
+
 impl SiteReport {
     pub fn fused(graph: &str, kind: &'static str, v: &GraphView, anchor: usize, p: &Plan) -> Self {
         SiteReport {
@@ -119,6 +151,14 @@ impl Report {
                     if sum.gqa_folded {
                         extra.push("gqa".into());
                     }
+                    match &sum.qkv_pack {
+                        Some(p) if p.packed => extra.push("qkv packed".into()),
+                        Some(p) => extra.push(format!(
+                            "qkv not packed: {}",
+                            p.reason.unwrap_or("?")
+                        )),
+                        None => {}
+                    }
                     s += &format!(
                         "fused    {} [{}] {} ({} nodes; {})\n",
                         site.anchor,
@@ -138,11 +178,18 @@ impl Report {
             }
         }
         s += &format!(
-            "{} attention site(s): {} fused, {} skipped\n",
+            "{} attention site(s): {} fused, {} skipped",
             self.sites.len(),
             self.fused,
             self.skipped
         );
+        if self.qkv_packed > 0 {
+            s += &format!(
+                "; {} with Q/K/V projections packed into one MatMul",
+                self.qkv_packed
+            );
+        }
+        s += "\n";
         s
     }
 }

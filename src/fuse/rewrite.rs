@@ -7,7 +7,8 @@ use std::collections::{HashMap, HashSet};
 use super::plan::Plan;
 use crate::graph::onnx::{GraphProto, NodeProto};
 
-fn reads(n: &NodeProto, out: &mut HashSet<String>) {
+/// Every tensor `n` reads, its subgraphs' reads from the outer scope included.
+pub(super) fn reads(n: &NodeProto, out: &mut HashSet<String>) {
     out.extend(n.input.iter().filter(|s| !s.is_empty()).cloned());
     for a in &n.attribute {
         for g in a.g.iter().chain(a.graphs.iter()) {

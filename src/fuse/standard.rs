@@ -166,6 +166,7 @@ pub fn match_attention(v: &GraphView, i: usize, names: &mut Names) -> Result<Pla
                 "BHSD".into()
             },
             layout_note: None,
+            qkv_pack: None,
         },
     })
 }

@@ -1,6 +1,8 @@
 //! Reading small constant tensors (shape vectors, scalars, mask buffers) out of `TensorProto`s,
 //! with a size cap so a crafted file cannot make us allocate much.
 
+use std::borrow::Cow;
+
 use super::onnx::{tensor_proto::DataType, TensorProto};
 
 /// Largest constant we ever materialize, in elements (mask buffers of 2048×2048 fit).
@@ -139,4 +141,51 @@ pub fn int64_tensor(name: &str, dims: &[i64], vals: &[i64]) -> TensorProto {
         int64_data: vals.to_vec(),
         ..Default::default()
     }
+}
+
+/// Bytes per element of a fixed-width numeric type.
+pub fn elem_width(elem: i32) -> Option<usize> {
+    Some(match DataType::try_from(elem).ok()? {
+        DataType::Double | DataType::Int64 | DataType::Uint64 => 8,
+        DataType::Float | DataType::Int32 | DataType::Uint32 => 4,
+        DataType::Float16 | DataType::Bfloat16 | DataType::Int16 | DataType::Uint16 => 2,
+        DataType::Int8 | DataType::Uint8 | DataType::Bool => 1,
+        _ => return None,
+    })
+}
+
+/// The contents of a non-external numeric tensor as the little-endian bytes `raw_data` holds
+/// (borrowed when it is stored that way). No size cap: the bytes are already in memory.
+pub fn le_bytes(t: &TensorProto) -> Option<Cow<'_, [u8]>> {
+    if super::io::is_external(t) || t.segment.is_some() {
+        return None;
+    }
+    let elem = t.data_type?;
+    let len = element_count(t)?.checked_mul(elem_width(elem)?)?;
+    if let Some(r) = t.raw_data.as_deref() {
+        return (r.len() == len).then_some(Cow::Borrowed(r));
+    }
+    let out: Vec<u8> = match DataType::try_from(elem).ok()? {
+        DataType::Float => t.float_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DataType::Double => t.double_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DataType::Int64 => t.int64_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DataType::Uint64 => t.uint64_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DataType::Uint32 => t
+            .uint64_data
+            .iter()
+            .flat_map(|&v| (v as u32).to_le_bytes())
+            .collect(),
+        DataType::Int32 => t.int32_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        // float16/bfloat16 and the narrow ints sit in the low bits of int32_data.
+        DataType::Float16 | DataType::Bfloat16 | DataType::Int16 | DataType::Uint16 => t
+            .int32_data
+            .iter()
+            .flat_map(|&v| (v as u16).to_le_bytes())
+            .collect(),
+        DataType::Int8 | DataType::Uint8 | DataType::Bool => {
+            t.int32_data.iter().map(|&v| v as u8).collect()
+        }
+        _ => return None,
+    };
+    (out.len() == len).then_some(Cow::Owned(out))
 }
