@@ -222,3 +222,41 @@ fn verify_provider_cuda_needs_a_cuda_build_of_ort() {
         c => panic!("exit {c:?}: {err}"),
     }
 }
+
+/// `--no-pack-qkv` keeps the three projections; by default the report counts the packed sites.
+#[test]
+fn no_pack_qkv_keeps_the_projections_apart() {
+    let d = tmpdir("pack");
+    let run = |extra: &[&str]| {
+        let (out, rep) = (d.join("o.onnx"), d.join("r.json"));
+        let o = bin()
+            .args([
+                "fuse",
+                graph_path("fuse_ort_optimized_bert.onnx").to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--report",
+                rep.to_str().unwrap(),
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0));
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
+        (String::from_utf8_lossy(&o.stdout).into_owned(), json)
+    };
+    let (stdout, json) = run(&[]);
+    assert_eq!(json["qkv_packed"], 3);
+    assert_eq!(json["sites"][0]["summary"]["qkv_pack"]["packed"], true);
+    assert!(
+        stdout.contains("3 with Q/K/V projections packed"),
+        "{stdout}"
+    );
+    let (stdout, json) = run(&["--no-pack-qkv"]);
+    assert_eq!(json["qkv_packed"], 0);
+    assert!(json["sites"][0]["summary"].get("qkv_pack").is_none());
+    assert!(!stdout.contains("qkv"), "{stdout}");
+    let help = bin().args(["fuse", "--help"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--no-pack-qkv"));
+}

@@ -233,8 +233,99 @@ fn everything_else_is_kept() {
     assert_eq!(before.producer_name, loaded.model.producer_name);
     assert_eq!(before.ir_version, loaded.model.ir_version);
     assert_eq!(before.metadata_props, loaded.model.metadata_props);
-    // Every weight matrix survives (only small scale/mask constants may go).
-    for t in a.initializer.iter().filter(|t| t.dims.len() == 2) {
-        assert!(b.initializer.contains(t), "{:?} dropped", t.name);
+    // Every weight matrix survives (only small scale/mask constants may go), or lives on in the
+    // packed Q/K/V weight (fuse::pack_qkv), whose size is theirs together.
+    let elems = |t: &graph::onnx::TensorProto| t.dims.iter().product::<i64>();
+    let packed: i64 = b
+        .initializer
+        .iter()
+        .filter(|t| {
+            t.name
+                .as_deref()
+                .is_some_and(|n| n.ends_with("_qkv_weight"))
+        })
+        .map(elems)
+        .sum();
+    let gone: Vec<_> = a
+        .initializer
+        .iter()
+        .filter(|t| t.dims.len() == 2 && !b.initializer.contains(t))
+        .collect();
+    assert_eq!(gone.len(), 3, "Q, K and V weights packed");
+    assert_eq!(gone.iter().map(|t| elems(t)).sum::<i64>(), packed);
+}
+
+/// Moves every rank-2 initializer of `m` into `dir/weights.bin`, one after another.
+fn externalize_weights(m: &mut ModelProto, dir: &Path) -> Vec<String> {
+    let mut data = Vec::new();
+    let mut names = Vec::new();
+    for t in m.graph.as_mut().unwrap().initializer.iter_mut() {
+        if t.dims.len() != 2 {
+            continue;
+        }
+        let raw = t.raw_data.take().unwrap();
+        let kv = |k: &str, v: String| StringStringEntryProto {
+            key: Some(k.into()),
+            value: Some(v),
+        };
+        t.data_location = Some(DataLocation::External as i32);
+        t.external_data = vec![
+            kv("location", "weights.bin".into()),
+            kv("offset", data.len().to_string()),
+            kv("length", raw.len().to_string()),
+        ];
+        data.extend_from_slice(&raw);
+        names.push(t.name.clone().unwrap());
+    }
+    std::fs::write(dir.join("weights.bin"), &data).unwrap();
+    names
+}
+
+/// Q/K/V weights in external data are packed without being read: a Concat node over them
+/// (ONNX Runtime folds it when the session starts), the weights stay external and in the same
+/// file, and the fused model gives the original's outputs.
+#[test]
+fn external_weights_are_packed_by_a_concat_node() {
+    let (src, dst) = (tmpdir("pack-src"), tmpdir("pack-dst"));
+    let mut m = graph::load_model(&graph_path("fuse_bert_eager.onnx"))
+        .unwrap()
+        .model;
+    let names = externalize_weights(&mut m, &src);
+    assert!(names.len() >= 3);
+    let model_path = src.join("m.onnx");
+    std::fs::write(&model_path, io::encode_model(&m)).unwrap();
+
+    let mut loaded = graph::load_model(&model_path).unwrap();
+    let rep = fuse::fuse_model(&mut loaded.model, true);
+    assert_eq!((rep.fused, rep.qkv_packed), (1, 1), "{}", rep.human());
+    let note = &rep.sites[0].summary.as_ref().unwrap().qkv_pack;
+    assert!(
+        note.as_ref().unwrap().note.contains("Concat node"),
+        "{note:?}"
+    );
+    let out = dst.join("fused.onnx");
+    graph::save_model(&loaded.model, &out, &loaded).unwrap();
+    let back = graph::load_model(&out).unwrap();
+    let g = back.model.graph.as_ref().unwrap();
+    let concat: Vec<_> = g
+        .node
+        .iter()
+        .filter(|n| n.op_type.as_deref() == Some("Concat"))
+        .filter(|n| n.input.iter().all(|i| names.contains(i)))
+        .collect();
+    assert_eq!(concat.len(), 1);
+    for name in &concat[0].input {
+        let t = g.initializer.iter().find(|t| t.name.as_ref() == Some(name));
+        assert!(t.is_some_and(io::is_external), "{name} stays external");
+    }
+    assert!(
+        !g.initializer
+            .iter()
+            .any(|t| t.dims.len() == 2 && !io::is_external(t)),
+        "no weight copied into the model"
+    );
+    if flash_ort::verify::runtime::find_ort_library().is_ok() {
+        let r = flash_ort::verify::verify(&model_path, &out, &Default::default()).unwrap();
+        assert!(r.ok, "{}", r.human());
     }
 }

@@ -462,3 +462,58 @@ fn ort_optimized_bert_folds_every_layer() {
     assert_eq!(io::encode_model(&again), once, "second fuse changed it");
     parity(name, &m);
 }
+
+/// ORT-optimized BERT (attention fusion off): each layer's Q, K and V projections (MatMul +
+/// bias Add, bias first) become one MatMul against the [32, 96] weight, one Add and a Split
+/// feeding the 3D fused node; ORT gives the same outputs. Without packing the three stay.
+#[test]
+fn ort_optimized_bert_packs_qkv_into_one_matmul_per_layer() {
+    let name = "fuse_ort_optimized_bert.onnx";
+    let count = |m: &ModelProto, op: &str| {
+        m.graph
+            .as_ref()
+            .unwrap()
+            .node
+            .iter()
+            .filter(|n| n.op_type.as_deref() == Some(op))
+            .count()
+    };
+    let ops = |m: &ModelProto| (count(m, "MatMul"), count(m, "Add"), count(m, "Split"));
+    let original = graph::load_model(&graph_path(name)).unwrap().model;
+    let mut plain = original.clone();
+    let off = fuse::Options {
+        apply: true,
+        pack_qkv: false,
+    };
+    assert_eq!(fuse::fuse_model_with(&mut plain, &off).qkv_packed, 0);
+    let (m, rep) = fused(name);
+    assert_eq!(rep.qkv_packed, 3, "{}", rep.human());
+    // 3 layers: Q/K/V + O + 2 MLP MatMuls each; plus the 2 score matmuls that fusing removed.
+    assert_eq!(ops(&original), (24, 12, 0));
+    assert_eq!(ops(&plain), (18, 9, 0));
+    assert_eq!(ops(&m), (12, 3, 3));
+    let g = m.graph.as_ref().unwrap();
+    let packed: Vec<_> = g
+        .initializer
+        .iter()
+        .filter(|t| {
+            t.name
+                .as_deref()
+                .is_some_and(|n| n.ends_with("_qkv_weight"))
+        })
+        .collect();
+    assert_eq!(packed.len(), 3);
+    assert!(packed.iter().all(|t| t.dims == [32, 96]));
+    // Every fused node reads the three Split outputs in order.
+    for n in flash_nodes(&m) {
+        let split = g
+            .node
+            .iter()
+            .find(|s| s.output.first() == n.input.first())
+            .unwrap();
+        assert_eq!(split.op_type.as_deref(), Some("Split"));
+        assert_eq!(split.output[..], n.input[..3]);
+    }
+    assert!(rep.human().contains("qkv packed"));
+    parity(name, &m);
+}

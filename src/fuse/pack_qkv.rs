@@ -20,7 +20,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::plan::{attr_int, attr_ints, node, Names, DOMAIN, OP_TYPE};
 use crate::graph::onnx::{GraphProto, NodeProto, TensorProto};
-use crate::graph::tensor::{element_count, elem_width, int64_tensor, le_bytes};
+use crate::graph::tensor::{elem_width, element_count, int64_tensor, le_bytes};
 use crate::graph::view::{is_op, node_label, GraphView};
 
 /// How many tensors the walk from Q, K or V back to its projection visits at most.
@@ -273,8 +273,7 @@ fn check_stackable(p: &[Proj; 3]) -> Result<(), Fail> {
             ),
         ));
     }
-    if p
-        .iter()
+    if p.iter()
         .any(|q| q.w.dims[0] != p[0].w.dims[0] || q.w.data_type != p[0].w.data_type)
     {
         let shapes: Vec<String> = p
@@ -304,10 +303,7 @@ fn site_projections<'g>(v: &GraphView<'g>, i: usize) -> Result<[Proj<'g>; 3], Fa
         let shared = if q == k || q == val { q } else { k };
         return Err((
             "qkv-already-packed",
-            format!(
-                "{} feeds several of Q, K and V",
-                node_label(v.node(shared))
-            ),
+            format!("{} feeds several of Q, K and V", node_label(v.node(shared))),
         ));
     }
     let p = [
@@ -395,7 +391,9 @@ impl Builder<'_> {
     }
 
     fn last_output(&self) -> String {
-        self.nodes.last().map_or(String::new(), |n| n.output[0].clone())
+        self.nodes
+            .last()
+            .map_or(String::new(), |n| n.output[0].clone())
     }
 }
 
@@ -405,15 +403,26 @@ fn split_axis(v: &GraphView, out: &str, opset: i64) -> Option<i64> {
     if opset >= 11 {
         return Some(-1);
     }
-    v.rank(out).and_then(|r| i64::try_from(r).ok()).map(|r| r - 1)
+    v.rank(out)
+        .and_then(|r| i64::try_from(r).ok())
+        .map(|r| r - 1)
 }
 
 /// The rewrite of fused node `i` whose projections `p` stack.
-fn build(v: &GraphView, i: usize, p: &[Proj; 3], opset: i64, names: &mut Names) -> Result<Packed, Fail> {
+fn build(
+    v: &GraphView,
+    i: usize,
+    p: &[Proj; 3],
+    opset: i64,
+    names: &mut Names,
+) -> Result<Packed, Fail> {
     let axis = split_axis(v, p[0].out, opset).ok_or_else(|| {
         (
             "qkv-split-axis-unknown",
-            format!("opset {opset} needs a non-negative Split axis and the rank of {} is unknown", p[0].out),
+            format!(
+                "opset {opset} needs a non-negative Split axis and the rank of {} is unknown",
+                p[0].out
+            ),
         )
     })?;
     let mut b = Builder {
@@ -513,7 +522,10 @@ pub fn apply(g: &mut GraphProto, packed: Vec<Packed>) {
     if packed.is_empty() {
         return;
     }
-    let remove: HashSet<usize> = packed.iter().flat_map(|p| p.remove.iter().copied()).collect();
+    let remove: HashSet<usize> = packed
+        .iter()
+        .flat_map(|p| p.remove.iter().copied())
+        .collect();
     let mut old_reads = HashSet::new();
     let mut old_outputs = HashSet::new();
     for &r in &remove {
@@ -560,4 +572,293 @@ pub fn apply(g: &mut GraphProto, packed: Vec<Packed>) {
         .collect();
     g.value_info
         .retain(|vi| !vi.name.as_ref().is_some_and(|n| gone.contains(n)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::onnx::{tensor_proto::DataLocation, StringStringEntryProto, ValueInfoProto};
+
+    const H: i64 = 4;
+
+    /// A float initializer whose element k is `base + k`.
+    fn init(name: &str, dims: &[i64], base: f32) -> TensorProto {
+        let n: i64 = dims.iter().product();
+        TensorProto {
+            name: Some(name.into()),
+            dims: dims.to_vec(),
+            data_type: Some(1),
+            float_data: (0..n).map(|k| base + k as f32).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn op(op: &str, inputs: &[&str], out: &str) -> NodeProto {
+        node(
+            op,
+            format!("{op}_{out}"),
+            inputs.iter().map(|s| s.to_string()).collect(),
+            vec![out.into()],
+            vec![],
+        )
+    }
+
+    fn value(name: &str) -> ValueInfoProto {
+        ValueInfoProto {
+            name: Some(name.into()),
+            ..Default::default()
+        }
+    }
+
+    fn flash(q: &str, k: &str, v: &str) -> NodeProto {
+        let mut n = op(OP_TYPE, &[q, k, v], "y");
+        n.domain = Some(DOMAIN.into());
+        n
+    }
+
+    /// BERT after the layout fold: `Add(b, MatMul(x, W))` into the fused node, for Q, K, V.
+    fn bert() -> GraphProto {
+        let mut g = GraphProto {
+            input: vec![value("x")],
+            output: vec![value("y")],
+            ..Default::default()
+        };
+        for (k, p) in ["q", "k", "v"].iter().enumerate() {
+            let base = 100.0 * k as f32;
+            g.initializer.push(init(&format!("w{p}"), &[H, 2], base));
+            g.initializer
+                .push(init(&format!("b{p}"), &[2], base + 50.0));
+            g.node
+                .push(op("MatMul", &["x", &format!("w{p}")], &format!("m{p}")));
+            // Either operand order.
+            let (a, b) = (format!("b{p}"), format!("m{p}"));
+            let ins = if k == 1 { [&b, &a] } else { [&a, &b] };
+            g.node
+                .push(op("Add", &[ins[0].as_str(), ins[1].as_str()], p));
+        }
+        g.node.push(flash("q", "k", "v"));
+        g
+    }
+
+    /// LLaMA: no biases, GQA widths, a rotary embedding between the Q/K projections and the
+    /// 4D fused node (cos and sin are graph inputs).
+    fn llama() -> GraphProto {
+        let mut g = GraphProto {
+            input: ["x", "cos", "sin", "shape"].map(value).to_vec(),
+            output: vec![value("y")],
+            ..Default::default()
+        };
+        for (p, cols) in [("q", 4), ("k", 2), ("v", 2)] {
+            g.initializer.push(init(&format!("w{p}"), &[H, cols], 0.0));
+            g.node
+                .push(op("MatMul", &["x", &format!("w{p}")], &format!("m{p}")));
+            let r = format!("r{p}");
+            g.node.push(op("Reshape", &[&format!("m{p}"), "shape"], &r));
+            g.node.push(op("Transpose", &[&r], &format!("t{p}")));
+        }
+        for p in ["q", "k"] {
+            let t = format!("t{p}");
+            g.node.push(op("Mul", &[&t, "cos"], &format!("c{p}")));
+            g.node.push(op("Neg", &[&t], &format!("n{p}")));
+            g.node
+                .push(op("Mul", &[&format!("n{p}"), "sin"], &format!("s{p}")));
+            g.node.push(op(
+                "Add",
+                &[&format!("c{p}"), &format!("s{p}")],
+                &format!("rope{p}"),
+            ));
+        }
+        g.node.push(flash("ropeq", "ropek", "tv"));
+        g
+    }
+
+    fn run(g: &mut GraphProto, opset: i64) -> (usize, Vec<(&'static str, String)>) {
+        let (packed, unpacked) = plans(&GraphView::new(g, None), opset);
+        let n = packed.len();
+        apply(g, packed);
+        (
+            n,
+            unpacked.into_iter().map(|u| (u.code, u.detail)).collect(),
+        )
+    }
+
+    fn count(g: &GraphProto, op: &str) -> usize {
+        g.node.iter().filter(|n| is_op(n, op)).count()
+    }
+
+    fn tensor<'a>(g: &'a GraphProto, name: &str) -> Option<&'a TensorProto> {
+        g.initializer
+            .iter()
+            .find(|t| t.name.as_deref() == Some(name))
+    }
+
+    fn floats(t: &TensorProto) -> Vec<f32> {
+        le_bytes(t)
+            .unwrap()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    /// The single unpacked reason of `g`.
+    fn reason(mut g: GraphProto) -> &'static str {
+        let (n, why) = run(&mut g, 17);
+        assert_eq!((n, why.len()), (0, 1), "{why:?}");
+        why[0].0
+    }
+
+    #[test]
+    fn bert_projections_with_biases_pack() {
+        let mut g = bert();
+        let (n, why) = run(&mut g, 17);
+        assert_eq!((n, why.len()), (1, 0));
+        assert_eq!(
+            (count(&g, "MatMul"), count(&g, "Add"), count(&g, "Split")),
+            (1, 1, 1)
+        );
+        // Old weights gone; new ones stacked along the columns, row by row.
+        assert!(["wq", "wk", "wv", "bq", "bk", "bv"]
+            .iter()
+            .all(|t| tensor(&g, t).is_none()));
+        let w = tensor(&g, "MatMul_mq_qkv_weight").unwrap();
+        assert_eq!(w.dims, [H, 6]);
+        assert_eq!(floats(w)[..6], [0.0, 1.0, 100.0, 101.0, 200.0, 201.0]);
+        let b = tensor(&g, "MatMul_mq_qkv_bias").unwrap();
+        assert_eq!(floats(b), [50.0, 51.0, 150.0, 151.0, 250.0, 251.0]);
+        // The Split writes the names the fused node reads, in order, before it.
+        let split = g.node.iter().position(|n| is_op(n, "Split")).unwrap();
+        assert_eq!(g.node[split].output, ["q", "k", "v"]);
+        assert_eq!(
+            g.node[split].input.len(),
+            2,
+            "sizes as an input at opset 17"
+        );
+        let sizes = tensor(&g, &g.node[split].input[1]).unwrap();
+        assert_eq!(sizes.int64_data, [2, 2, 2]);
+        assert!(split < g.node.len() - 1 && is_flash(g.node.last().unwrap()));
+        // Already packed: a second pass changes nothing.
+        assert_eq!(reason(g), "qkv-already-packed");
+    }
+
+    #[test]
+    fn llama_projections_through_rotary_embedding_pack() {
+        let mut g = llama();
+        let (n, why) = run(&mut g, 18);
+        assert_eq!((n, why.len()), (1, 0), "{why:?}");
+        assert_eq!((count(&g, "MatMul"), count(&g, "Split")), (1, 1));
+        let split = g.node.iter().find(|n| is_op(n, "Split")).unwrap();
+        assert_eq!(split.output, ["mq", "mk", "mv"]);
+        let sizes = tensor(&g, &split.input[1]).unwrap();
+        assert_eq!(sizes.int64_data, [4, 2, 2]);
+        // The head splits and rotary embedding stay, reading the Split's outputs.
+        assert_eq!(count(&g, "Reshape"), 3);
+        assert_eq!(count(&g, "Neg"), 2);
+    }
+
+    #[test]
+    fn before_opset_13_split_sizes_are_an_attribute() {
+        let mut g = bert();
+        assert_eq!(run(&mut g, 12).0, 1);
+        let split = g.node.iter().find(|n| is_op(n, "Split")).unwrap();
+        assert_eq!(split.input.len(), 1);
+        let attr = |a: &str| {
+            split
+                .attribute
+                .iter()
+                .find(|x| x.name.as_deref() == Some(a))
+        };
+        assert_eq!(attr("split").unwrap().ints, [2, 2, 2]);
+        assert_eq!(attr("axis").unwrap().i, Some(-1));
+    }
+
+    #[test]
+    fn external_weights_are_stacked_by_a_concat_node() {
+        let mut g = bert();
+        let wk = g
+            .initializer
+            .iter_mut()
+            .find(|t| t.name.as_deref() == Some("wk"));
+        let wk = wk.unwrap();
+        wk.float_data.clear();
+        wk.data_location = Some(DataLocation::External as i32);
+        wk.external_data = vec![StringStringEntryProto {
+            key: Some("location".into()),
+            value: Some("w.bin".into()),
+        }];
+        assert_eq!(run(&mut g, 17).0, 1);
+        let concat: Vec<_> = g.node.iter().filter(|n| is_op(n, "Concat")).collect();
+        assert_eq!(concat.len(), 1, "weights only: the biases are inline");
+        assert_eq!(concat[0].input, ["wq", "wk", "wv"]);
+        assert!(tensor(&g, "wk").is_some_and(crate::graph::io::is_external));
+        assert!(tensor(&g, "bq").is_none());
+    }
+
+    #[test]
+    fn a_bias_shared_through_identity_is_copied() {
+        // TorchScript shares equal parameters (zero biases) through Identity nodes.
+        let mut g = bert();
+        g.node.insert(0, op("Identity", &["bk"], "bk_id"));
+        g.node.insert(1, op("Identity", &["bk"], "bk_id2"));
+        g.node.push(op("Add", &["x", "bk_id2"], "other"));
+        g.output.push(value("other"));
+        let add_k = g.node.iter_mut().find(|n| n.output == ["k"]).unwrap();
+        add_k.input[1] = "bk_id".into();
+        assert_eq!(run(&mut g, 17).0, 1);
+        assert_eq!(
+            count(&g, "Identity"),
+            1,
+            "the Identity only the bias read goes"
+        );
+        assert!(tensor(&g, "bk").is_some(), "still read by the other Add");
+    }
+
+    #[test]
+    fn a_projection_read_elsewhere_stays() {
+        let mut g = bert();
+        g.node.push(op("Relu", &["mk"], "side"));
+        g.output.push(value("side"));
+        assert_eq!(reason(g), "qkv-intermediate-read-elsewhere");
+    }
+
+    #[test]
+    fn different_inputs_stay() {
+        let mut g = bert();
+        g.input.push(value("x2"));
+        g.node[2].input[0] = "x2".into();
+        assert_eq!(reason(g), "qkv-inputs-differ");
+    }
+
+    #[test]
+    fn a_computed_weight_stays() {
+        let mut g = bert();
+        let wv = g.node.iter().position(|n| n.output == ["mv"]).unwrap();
+        g.node.insert(wv, op("Transpose", &["wv"], "wv_t"));
+        g.node[wv + 1].input[1] = "wv_t".into();
+        assert_eq!(reason(g), "qkv-weight-not-constant");
+        // A graph input is no constant either, even with an initializer of its name.
+        let mut g = bert();
+        g.input.push(value("wq"));
+        assert_eq!(reason(g), "qkv-weight-not-constant");
+    }
+
+    #[test]
+    fn mixed_biases_stay() {
+        let mut g = bert();
+        let add = g.node.iter().position(|n| n.output == ["v"]).unwrap();
+        g.node.remove(add);
+        g.node.last_mut().unwrap().input[2] = "mv".into();
+        assert_eq!(reason(g), "qkv-bias-mixed");
+    }
+
+    #[test]
+    fn shared_weights_and_one_projection_feeding_two_inputs_stay() {
+        let mut g = bert();
+        g.node.push(op("MatMul", &["x", "wk"], "again"));
+        g.output.push(value("again"));
+        assert_eq!(reason(g), "qkv-weight-shared");
+        let mut g = llama();
+        let fused = g.node.last_mut().unwrap();
+        fused.input[1] = "tv".into();
+        assert_eq!(reason(g), "qkv-already-packed");
+    }
 }

@@ -153,10 +153,9 @@ impl Report {
                     }
                     match &sum.qkv_pack {
                         Some(p) if p.packed => extra.push("qkv packed".into()),
-                        Some(p) => extra.push(format!(
-                            "qkv not packed: {}",
-                            p.reason.unwrap_or("?")
-                        )),
+                        Some(p) => {
+                            extra.push(format!("qkv not packed: {}", p.reason.unwrap_or("?")))
+                        }
                         None => {}
                     }
                     s += &format!(
