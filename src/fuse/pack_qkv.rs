@@ -59,7 +59,7 @@ pub struct Packed {
     pub node: String,
     /// What replaced what, for the report.
     pub note: String,
-    /// The new nodes go where the first replaced node was (after X, before every reader).
+    /// The new nodes go where the first of the three MatMuls was: after X, before every reader.
     at: usize,
     remove: Vec<usize>,
     nodes: Vec<NodeProto>,
@@ -383,11 +383,11 @@ impl Builder<'_> {
         name
     }
 
-    /// A default-domain node named after `like`, writing a fresh tensor (or `out`).
-    fn push(&mut self, op: &str, like: &str, inputs: Vec<String>, out: Option<Vec<String>>) {
+    /// A default-domain node named after `like`, writing a fresh tensor.
+    fn push(&mut self, op: &str, like: &str, inputs: Vec<String>) {
         let name = self.names.fresh(&format!("{like}_qkv"));
-        let outputs = out.unwrap_or_else(|| vec![self.names.fresh(&format!("{like}_qkv_out"))]);
-        self.nodes.push(node(op, name, inputs, outputs, vec![]));
+        let out = self.names.fresh(&format!("{like}_qkv_out"));
+        self.nodes.push(node(op, name, inputs, vec![out], vec![]));
     }
 
     fn last_output(&self) -> String {
@@ -433,11 +433,11 @@ fn build(
     };
     let q_mm = node_label(v.node(p[0].matmul));
     let w = b.stacked(&[p[0].w, p[1].w, p[2].w], &format!("{q_mm}_qkv_weight"));
-    b.push("MatMul", &q_mm, vec![p[0].x.to_string(), w], None);
+    b.push("MatMul", &q_mm, vec![p[0].x.to_string(), w]);
     if let (Some(bq), Some(bk), Some(bv)) = (p[0].b, p[1].b, p[2].b) {
         let bias = b.stacked(&[bq, bk, bv], &format!("{q_mm}_qkv_bias"));
         let mm_out = b.last_output();
-        b.push("Add", &format!("{q_mm}_bias"), vec![mm_out, bias], None);
+        b.push("Add", &format!("{q_mm}_bias"), vec![mm_out, bias]);
     }
     let cols: Vec<i64> = p.iter().map(|q| q.w.dims[1]).collect();
     let packed = b.last_output();
@@ -465,7 +465,8 @@ fn build(
         if p[0].b.is_some() { " + Add" } else { "" },
         replaced.join(", "),
         if b.concat_node {
-            " (weights stacked by a Concat node: external data, folded by ORT at load)"
+            " (weights stacked by a Concat node over the external data, never read here; ORT \
+             folds it when the session starts)"
         } else {
             ""
         }
