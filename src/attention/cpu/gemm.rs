@@ -8,13 +8,29 @@ use crate::{Error, Result};
 /// Instruction set the kernel runs with, detected once per call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
+    /// AVX-512 with both attention products on AMX tiles (fp32 through split bf16).
+    Amx,
     Avx512,
     Avx2,
     Portable,
 }
 
 impl Isa {
+    /// The best instruction set here: AMX unless the environment sets `FLASH_ORT_CPU_NO_AMX=1`
+    /// (read once per process), then the widest vector set.
     pub fn detect() -> Isa {
+        static NO_AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let no_amx = *NO_AMX
+            .get_or_init(|| std::env::var_os("FLASH_ORT_CPU_NO_AMX").is_some_and(|v| v == "1"));
+        let vector = Isa::detect_vector();
+        if vector == Isa::Avx512 && !no_amx && super::amx::supported() {
+            return Isa::Amx;
+        }
+        vector
+    }
+
+    /// The widest vector instruction set here, ignoring AMX.
+    pub fn detect_vector() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
             // The task bodies are compiled with F16C too (fp16 tile conversion); the AVX-512
@@ -124,12 +140,12 @@ pub fn gemm(
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if k > 0 => {
+        Isa::Avx512 | Isa::Amx if k > 0 => {
             // SAFETY: the CPU supports AVX-512F (detected); extents were checked above.
             unsafe { avx512::gemm(m, n, k, a, b, c, ldc, init, col_max, pf) }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => {
+        Isa::Avx2 | Isa::Avx512 | Isa::Amx => {
             // SAFETY: the CPU supports AVX2 and FMA (detected; AVX-512 implies both).
             unsafe { gemm_portable_avx2(m, n, k, a, b, c, ldc, init, col_max) }
         }
@@ -425,7 +441,7 @@ mod tests {
 
     #[test]
     fn every_isa_matches_naive_on_odd_shapes() {
-        let isas = [Isa::detect(), Isa::Portable];
+        let isas = [Isa::detect_vector(), Isa::Portable];
         for &(m, n, k) in &[
             (1, 1, 1),
             (7, 17, 5),

@@ -13,10 +13,16 @@
 //! block into L2. One normalization at the end; no buffer larger than a tile. fp16/bf16 blocks
 //! are widened to f32 tiles first.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod convert;
 mod gemm;
 mod softmax;
+#[cfg(target_arch = "x86_64")]
+mod split;
 mod tile;
+#[cfg(target_arch = "x86_64")]
+mod tile_amx;
 
 pub use gemm::Isa;
 
@@ -43,7 +49,10 @@ const BLOCK_KEYS: usize = 64;
 /// How one call is cut into tasks.
 #[derive(Clone, Copy, Debug)]
 pub struct Plan {
+    /// The vector instruction set of the element-wise work (and of the GEMMs without AMX).
     pub isa: Isa,
+    /// Both products on AMX tiles (with `isa` = AVX-512).
+    pub amx: bool,
     /// Query rows per task (rows are (query, head-in-group) pairs).
     pub block_rows: usize,
     pub block_keys: usize,
@@ -55,7 +64,7 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn new(p: &AttentionProblem, isa: Isa) -> Plan {
+    pub fn new(p: &AttentionProblem, isa: Isa, amx: bool) -> Plan {
         let group = p.group_size();
         let rows = p.q_len * group;
         let units = p.batch * p.kv_heads;
@@ -66,6 +75,7 @@ impl Plan {
         let row_blocks = rows.div_ceil(block_rows);
         Plan {
             isa,
+            amx,
             block_rows,
             block_keys: BLOCK_KEYS,
             group,
@@ -165,13 +175,15 @@ pub fn attention_with(
     isa: Isa,
 ) -> Result<()> {
     check_buffers(p, inp, out.len(), out.dtype())?;
-    let best = Isa::detect();
-    let isa = match (isa, best) {
-        (Isa::Portable, _) => Isa::Portable,
-        (Isa::Avx2, Isa::Avx512 | Isa::Avx2) => Isa::Avx2,
-        _ => best,
+    let vector = Isa::detect_vector();
+    let (isa, amx) = match isa {
+        Isa::Portable => (Isa::Portable, false),
+        Isa::Avx2 if vector != Isa::Portable => (Isa::Avx2, false),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Amx if vector == Isa::Avx512 && amx::supported() => (Isa::Avx512, true),
+        _ => (vector, false),
     };
-    let plan = Plan::new(p, isa);
+    let plan = Plan::new(p, isa, amx);
     if plan.tasks == 0 {
         return Ok(());
     }

@@ -18,6 +18,9 @@ pub fn run(
 ) -> Result<()> {
     match plan.isa {
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: the plan asks for AMX only when `amx::supported()` said yes.
+        Isa::Avx512 if plan.amx => unsafe { super::tile_amx::run(plan, p, inp, out, t) },
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: `Plan::isa` only names instruction sets the CPU reported.
         Isa::Avx512 => unsafe { run_avx512(plan, p, inp, out, t) },
         #[cfg(target_arch = "x86_64")]
@@ -54,18 +57,18 @@ unsafe fn run_avx2(
 }
 
 /// Which (batch, KV head, rows) a task covers, and where each row's keys start and end.
-struct Rows {
-    b: usize,
-    kvh: usize,
+pub(super) struct Rows {
+    pub b: usize,
+    pub kvh: usize,
     /// (query head, query position) per row.
-    head_pos: Vec<(usize, usize)>,
+    pub head_pos: Vec<(usize, usize)>,
     /// Visible keys of each row: `lo[r]..hi[r]` (causal/window/padding; empty when equal).
-    lo: Vec<usize>,
-    hi_key: Vec<usize>,
+    pub lo: Vec<usize>,
+    pub hi_key: Vec<usize>,
 }
 
 impl Rows {
-    fn new(plan: &Plan, p: &AttentionProblem, inp: &CpuInputs, t: usize) -> Rows {
+    pub fn new(plan: &Plan, p: &AttentionProblem, inp: &CpuInputs, t: usize) -> Rows {
         // Last row blocks first: under a causal mask they see the most keys, and starting the
         // longest tasks early evens out the threads' finishing times.
         let rb = plan.row_blocks - 1 - t % plan.row_blocks;
@@ -101,14 +104,14 @@ impl Rows {
 /// An f32 buffer whose first element sits on a 64-byte boundary, so that rows of a multiple of
 /// 16 floats never split a cache line under 512-bit loads and stores.
 #[derive(Default)]
-struct Aligned {
+pub(super) struct Aligned {
     buf: Vec<f32>,
     off: usize,
     len: usize,
 }
 
 impl Aligned {
-    fn new(len: usize, value: f32) -> Aligned {
+    pub fn new(len: usize, value: f32) -> Aligned {
         let buf = vec![value; len + 16];
         // Floats to skip to reach the next 64-byte boundary (f32 is 4-byte aligned).
         let off = buf.as_ptr().align_offset(64).min(15);
@@ -267,30 +270,7 @@ fn run_impl(
                 len: dv,
             }),
         )?;
-        if p.softcap > 0.0 {
-            // c·tanh(s/c) in log2 units is (c·log2 e)·tanh(s'/(c·log2 e)) for s' = s·log2 e.
-            softcap(&mut s.st, ld, nk, n, p.softcap * std::f32::consts::LOG2_E);
-        }
-        if boundary {
-            for r in 0..n {
-                let lo = rows.lo[r].clamp(j0, j0 + nk);
-                let hi = rows.hi_key[r].clamp(lo, j0 + nk);
-                for j in (j0..lo).chain(hi..j0 + nk) {
-                    s.st[(j - j0) * ld + r] = f32::NEG_INFINITY;
-                }
-            }
-        }
-        if let (Some(desc), Some(mask)) = (&p.mask, inp.mask) {
-            let ms = desc.strides;
-            for (r, &(h, i)) in rows.head_pos.iter().enumerate() {
-                let terms = &mut s.row[..nk];
-                let off = b * ms[0] + h * ms[1] + i * ms[2] + j0 * ms[3];
-                load_mask_row(mask, off, ms[3], terms);
-                for (j, &m) in terms.iter().enumerate() {
-                    s.st[j * ld + r] += m * std::f32::consts::LOG2_E;
-                }
-            }
-        }
+        finish_scores(p, inp, &rows, &mut s.st, ld, j0, nk, boundary, &mut s.row);
         // Every score finite: no −∞ from masks or boundaries to clamp.
         let finite = !boundary && p.mask.is_none();
         let moved = match plan.isa {
@@ -357,10 +337,58 @@ fn run_impl(
     write_out(p, &rows, &s.o, &state.l, out)
 }
 
+/// Softcap and masks on one block's scores `Sᵀ` (`nk` keys from `j0` × the task's rows, row
+/// stride `ld`); `boundary` says whether some row's visible range ends inside the block.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn finish_scores(
+    p: &AttentionProblem,
+    inp: &CpuInputs,
+    rows: &Rows,
+    st: &mut [f32],
+    ld: usize,
+    j0: usize,
+    nk: usize,
+    boundary: bool,
+    buf: &mut [f32],
+) {
+    let n = rows.head_pos.len();
+    if p.softcap > 0.0 {
+        // c·tanh(s/c) in log2 units is (c·log2 e)·tanh(s'/(c·log2 e)) for s' = s·log2 e.
+        softcap(st, ld, nk, n, p.softcap * std::f32::consts::LOG2_E);
+    }
+    if boundary {
+        for r in 0..n {
+            let lo = rows.lo[r].clamp(j0, j0 + nk);
+            let hi = rows.hi_key[r].clamp(lo, j0 + nk);
+            for j in (j0..lo).chain(hi..j0 + nk) {
+                st[(j - j0) * ld + r] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    if let (Some(desc), Some(mask)) = (&p.mask, inp.mask) {
+        let ms = desc.strides;
+        for (r, &(h, i)) in rows.head_pos.iter().enumerate() {
+            let terms = &mut buf[..nk];
+            let off = rows.b * ms[0] + h * ms[1] + i * ms[2] + j0 * ms[3];
+            load_mask_row(mask, off, ms[3], terms);
+            for (j, &m) in terms.iter().enumerate() {
+                st[j * ld + r] += m * std::f32::consts::LOG2_E;
+            }
+        }
+    }
+}
+
 /// Normalizes each row by its softmax sum (rows with no visible key, `l = 0`, give zeros) and
 /// stores it into Y.
 #[inline(always)]
-fn write_out(p: &AttentionProblem, rows: &Rows, o: &[f32], l: &[f32], out: &OutPtr) -> Result<()> {
+pub(super) fn write_out(
+    p: &AttentionProblem,
+    rows: &Rows,
+    o: &[f32],
+    l: &[f32],
+    out: &OutPtr,
+) -> Result<()> {
     let dv = p.v_head_dim;
     let os = p.out_strides;
     let mut tmp = vec![0.0f32; dv];

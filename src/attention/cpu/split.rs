@@ -1,0 +1,502 @@
+//! fp32 operands as sums of bf16 parts, packed into AMX tile layouts.
+//!
+//! `x = hi + mid + lo` exactly: `hi` is `x` rounded to bf16 (to nearest even), `mid` the
+//! remainder `x − hi` (at most 16 significant bits) truncated to bf16, `lo` what is left (at
+//! most 8 bits, so exact). `|mid| ≤ 2⁻⁸|x|` and `|lo| < 2⁻¹⁵|x|`, so the cross products the
+//! GEMM drops (mid·lo, lo·mid, lo·lo) are below 2⁻²²·|x·y| together (typically far less),
+//! under the fp32 rounding bound of a 64-term dot product itself; bf16 × bf16 products are
+//! exact in the fp32 accumulator. Σ x·y comes out at fp32 accuracy.
+//!
+//! Edge cases. Non-finite inputs: for NaN and ±∞, `x − hi` is NaN, so `mid` and `lo` are NaN
+//! and every dot product that touches `x` is NaN (the GEMM always includes the hi·mid and mid·hi
+//! products) — an infinite input gives NaN rather than the fp32 path's ±∞ or NaN, never a
+//! finite value. A finite `x` that would round up to ∞ in bf16 (|x| > 3.39e38) keeps its
+//! truncated `hi` instead, so it stays finite. The AMX unit treats bf16 denormals (below
+//! 1.2e-38) as zero, so parts that small are lost: absolute errors of that order.
+//!
+//! Layouts, in tiles of 16 rows × 64 bytes (512 u16), tile-major so that each tile load reads
+//! 1 KiB contiguously:
+//! - [`APack`] (the GEMM's left operand, M × K): tile `(part, row tile, k chunk)` holds 16 rows
+//!   of 32 consecutive k.
+//! - [`BPack`] (right operand, K × N, "VNNI"): tile `(part, k chunk, column tile)` holds 16
+//!   rows of k pairs, each row 16 columns × (k even, k odd).
+
+use super::amx::TILE_WORDS;
+use crate::{Error, Result};
+
+const HIGH: u32 = 0xFFFF_0000;
+
+/// The three bf16 parts of `x` (see the module docs), as bf16 bit patterns: the scalar
+/// statement of what the vector packers compute (tests compare the two).
+#[cfg(test)]
+pub fn split3(x: f32) -> [u16; 3] {
+    let b = x.to_bits();
+    let rne = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & HIGH;
+    // Rounded up to ±∞ from a finite value: truncate instead.
+    let hi = if rne & 0x7FFF_FFFF == 0x7F80_0000 && b & 0x7F80_0000 != 0x7F80_0000 {
+        b & HIGH
+    } else {
+        rne
+    };
+    let r1 = x - f32::from_bits(hi);
+    let mid = r1.to_bits() & HIGH;
+    let lo = (r1 - f32::from_bits(mid)).to_bits() & HIGH;
+    [(hi >> 16) as u16, (mid >> 16) as u16, (lo >> 16) as u16]
+}
+
+/// How many bf16 parts represent every value of an input type exactly (or to fp32 accuracy):
+/// bf16 1, fp16 2 (11 significant bits), fp32 3.
+pub fn parts_for(elems: super::super::Elems) -> usize {
+    match elems {
+        super::super::Elems::BF16(_) => 1,
+        super::super::Elems::F16(_) => 2,
+        super::super::Elems::F32(_) => 3,
+    }
+}
+
+/// u16 storage whose first element sits on a 64-byte boundary.
+#[derive(Default)]
+pub struct Words {
+    buf: Vec<u16>,
+    off: usize,
+    len: usize,
+}
+
+impl Words {
+    fn zeroed(len: usize) -> Words {
+        let buf = vec![0u16; len + 32];
+        let off = buf.as_ptr().align_offset(64).min(31);
+        Words { buf, off, len }
+    }
+}
+
+impl std::ops::Deref for Words {
+    type Target = [u16];
+    fn deref(&self) -> &[u16] {
+        &self.buf[self.off..self.off + self.len]
+    }
+}
+
+impl std::ops::DerefMut for Words {
+    fn deref_mut(&mut self) -> &mut [u16] {
+        &mut self.buf[self.off..self.off + self.len]
+    }
+}
+
+/// A packed left operand: `parts` × `mt` row tiles × `kc` k chunks.
+#[derive(Default)]
+pub struct APack {
+    pub buf: Words,
+    pub parts: usize,
+    pub mt: usize,
+    pub kc: usize,
+}
+
+impl APack {
+    pub fn new(parts: usize, mt: usize, kc: usize) -> APack {
+        let mut a = APack {
+            buf: Words::default(),
+            parts,
+            mt,
+            kc,
+        };
+        a.buf = Words::zeroed(a.words());
+        a
+    }
+    pub fn words(&self) -> usize {
+        self.parts * self.mt * self.kc * TILE_WORDS
+    }
+    fn row(&mut self, part: usize, row: usize, chunk: usize) -> *mut u16 {
+        let t = (part * self.mt + row / 16) * self.kc + chunk;
+        // SAFETY (of the callers' writes): checked by the packers against `mt`, `kc`, `parts`.
+        unsafe { self.buf.as_mut_ptr().add(t * TILE_WORDS + (row % 16) * 32) }
+    }
+}
+
+/// A packed right operand: `parts` × `kc` k chunks × `nt` column tiles.
+#[derive(Default)]
+pub struct BPack {
+    pub buf: Words,
+    pub parts: usize,
+    pub kc: usize,
+    pub nt: usize,
+}
+
+impl BPack {
+    pub fn new(parts: usize, kc: usize, nt: usize) -> BPack {
+        let mut b = BPack {
+            buf: Words::default(),
+            parts,
+            kc,
+            nt,
+        };
+        b.buf = Words::zeroed(b.words());
+        b
+    }
+    pub fn words(&self) -> usize {
+        self.parts * self.kc * self.nt * TILE_WORDS
+    }
+}
+
+fn internal(what: &str) -> Error {
+    Error::Other(format!(
+        "internal error in the CPU attention kernel (AMX packing): {what}"
+    ))
+}
+
+#[cfg(target_arch = "x86_64")]
+pub use avx512::{pack_a_cols, pack_a_rows, pack_b_pairs};
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{internal, APack, BPack, Result, HIGH, TILE_WORDS};
+    use std::arch::x86_64::*;
+
+    /// [`super::split3`] on 16 lanes, each part as f32 bits (the bf16 in the high half, the
+    /// low half zero). With `GUARD`, finite values that would round to ∞ are truncated
+    /// (operands that may be huge; softmax numerators in [0, 1] need no guard).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    pub unsafe fn split<const GUARD: bool>(x: __m512) -> [__m512i; 3] {
+        let b = _mm512_castps_si512(x);
+        let high = _mm512_set1_epi32(HIGH as i32);
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+        let rne = _mm512_and_si512(
+            _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb),
+            high,
+        );
+        let hi = if GUARD {
+            let exp = _mm512_set1_epi32(0x7F80_0000);
+            let ovf =
+                _mm512_cmpeq_epi32_mask(_mm512_and_si512(rne, _mm512_set1_epi32(0x7FFF_FFFF)), exp)
+                    & _mm512_cmpneq_epi32_mask(_mm512_and_si512(b, exp), exp);
+            _mm512_mask_and_epi32(rne, ovf, b, high)
+        } else {
+            rne
+        };
+        let r1 = _mm512_sub_ps(x, _mm512_castsi512_ps(hi));
+        let mid = _mm512_and_si512(_mm512_castps_si512(r1), high);
+        let lo = _mm512_and_si512(
+            _mm512_castps_si512(_mm512_sub_ps(r1, _mm512_castsi512_ps(mid))),
+            high,
+        );
+        [hi, mid, lo]
+    }
+
+    /// The 32 bf16 (high halves) of two vectors of parts, in order.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    unsafe fn narrow(a: __m512i, b: __m512i) -> __m512i {
+        let idx = _mm512_set_epi16(
+            63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25, 23, 21,
+            19, 17, 15, 13, 11, 9, 7, 5, 3, 1,
+        );
+        _mm512_permutex2var_epi16(a, idx, b)
+    }
+
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    }
+
+    /// Packs rows `0..rows` of an f32 matrix (row `r` is `src[off + r·rs..][..cols]`) as A
+    /// (rows = M, columns = K): `kc = ⌈cols/32⌉` chunks, zero past `cols` and in the rows
+    /// from `rows` to the next multiple of 16. Used for a K block (keys × head dim).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F/BW. Extents are checked.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn pack_a_rows(
+        dst: &mut APack,
+        src: &[f32],
+        off: usize,
+        rs: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let kc = cols.div_ceil(32);
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        if rows > 16 * dst.mt || kc > dst.kc || dst.words() > dst.buf.len() {
+            return Err(internal("A block larger than its pack"));
+        }
+        if off + (rows - 1) * rs + cols > src.len() {
+            return Err(internal("A source out of bounds"));
+        }
+        let parts = dst.parts;
+        for r in 0..rows.next_multiple_of(16) {
+            for c in 0..kc {
+                let (x0, x1) = if r < rows {
+                    let p = src.as_ptr().add(off + r * rs + 32 * c);
+                    let n = cols - 32 * c;
+                    (
+                        _mm512_maskz_loadu_ps(lanes(n), p),
+                        _mm512_maskz_loadu_ps(lanes(n.saturating_sub(16)), p.add(16)),
+                    )
+                } else {
+                    (_mm512_setzero_ps(), _mm512_setzero_ps())
+                };
+                let (s0, s1) = (split::<true>(x0), split::<true>(x1));
+                for part in 0..parts {
+                    _mm512_storeu_si512(dst.row(part, r, c).cast(), narrow(s0[part], s1[part]));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Packs the transpose of an f32 block as A: row `e < rows` of the pack is column `e` of
+    /// the block, `src[off + j·rs + e·cs]` for `j < cols`; zero past `cols` (to `kc` chunks,
+    /// `⌈cols/32⌉`) and in rows `rows..` up to a multiple of 16. Used for a V block (A = Vᵀ:
+    /// head dim × keys), read with gathers.
+    ///
+    /// # Safety
+    /// AVX-512F/BW. Extents are checked, and `31·rs` must fit an i32 (else an error: the
+    /// caller copies the block to a dense buffer first).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn pack_a_cols(
+        dst: &mut APack,
+        src: &[f32],
+        off: usize,
+        rs: usize,
+        cs: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let kc = cols.div_ceil(32);
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        if rows > 16 * dst.mt || kc > dst.kc || dst.words() > dst.buf.len() {
+            return Err(internal("A block larger than its pack"));
+        }
+        if off + (cols - 1) * rs + (rows - 1) * cs >= src.len() {
+            return Err(internal("A source out of bounds"));
+        }
+        if 31 * rs > i32::MAX as usize {
+            return Err(internal("A source rows too far apart for gathers"));
+        }
+        let parts = dst.parts;
+        let step = _mm512_set1_epi32(rs as i32);
+        let idx0 = _mm512_mullo_epi32(
+            _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+            step,
+        );
+        let idx1 = _mm512_add_epi32(idx0, _mm512_slli_epi32::<4>(step));
+        for e in 0..rows.next_multiple_of(16) {
+            for c in 0..kc {
+                let (x0, x1) = if e < rows {
+                    let p = src.as_ptr().add(off + e * cs + 32 * c * rs);
+                    let n = cols - 32 * c;
+                    (
+                        _mm512_mask_i32gather_ps::<4>(
+                            _mm512_setzero_ps(),
+                            lanes(n),
+                            idx0,
+                            p.cast(),
+                        ),
+                        _mm512_mask_i32gather_ps::<4>(
+                            _mm512_setzero_ps(),
+                            lanes(n.saturating_sub(16)),
+                            idx1,
+                            p.cast(),
+                        ),
+                    )
+                } else {
+                    (_mm512_setzero_ps(), _mm512_setzero_ps())
+                };
+                let (s0, s1) = (split::<true>(x0), split::<true>(x1));
+                for part in 0..parts {
+                    _mm512_storeu_si512(dst.row(part, e, c).cast(), narrow(s0[part], s1[part]));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Packs rows `0..rows` of an f32 matrix with row stride `ld` and `16·dst.nt` columns as B
+    /// (rows = K, columns = N), zero from row `rows` to `32·kc`. Used for Qᵀ (head dim ×
+    /// queries, `GUARD`: arbitrary values) and Pᵀ (keys × queries, values in [0, 1]).
+    ///
+    /// # Safety
+    /// AVX-512F/BW. Extents are checked.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn pack_b_pairs<const GUARD: bool>(
+        dst: &mut BPack,
+        src: &[f32],
+        ld: usize,
+        rows: usize,
+        kc: usize,
+    ) -> Result<()> {
+        let (nt, parts) = (dst.nt, dst.parts);
+        if rows == 0 || nt == 0 {
+            return Ok(());
+        }
+        if kc > dst.kc || rows > 32 * kc || dst.words() > dst.buf.len() || ld < 16 * nt {
+            return Err(internal("B block larger than its pack"));
+        }
+        if (rows - 1) * ld + 16 * nt > src.len() {
+            return Err(internal("B source out of bounds"));
+        }
+        let high = _mm512_set1_epi32(HIGH as i32);
+        let base = dst.buf.as_mut_ptr();
+        let load = |k: usize, t: usize| {
+            if k < rows {
+                _mm512_loadu_ps(src.as_ptr().add(k * ld + 16 * t))
+            } else {
+                _mm512_setzero_ps()
+            }
+        };
+        for c in 0..kc {
+            for r in 0..16 {
+                let k = 32 * c + 2 * r;
+                for t in 0..nt {
+                    let (e, o) = (split::<GUARD>(load(k, t)), split::<GUARD>(load(k + 1, t)));
+                    for part in 0..parts {
+                        // Lane q: (even k in the low half, odd k in the high half).
+                        let pair = _mm512_ternarylogic_epi32::<0xF8>(
+                            _mm512_srli_epi32::<16>(e[part]),
+                            o[part],
+                            high,
+                        );
+                        let tile = (part * dst.kc + c) * nt + t;
+                        _mm512_storeu_si512(base.add(tile * TILE_WORDS + 32 * r).cast(), pair);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(p: [u16; 3]) -> f64 {
+        p.iter()
+            .map(|&h| f32::from_bits((h as u32) << 16) as f64)
+            .sum()
+    }
+
+    #[test]
+    fn parts_reconstruct_the_value() {
+        let mut xs = vec![
+            0.0f32,
+            -0.0,
+            1.0,
+            -1.0,
+            std::f32::consts::PI,
+            1.0 + f32::EPSILON,
+            f32::MAX,
+            -f32::MAX,
+            3.3961e38,
+            f32::MIN_POSITIVE,
+            1e-30,
+            -7.5e-33,
+        ];
+        let mut seed = 7u64;
+        for _ in 0..100_000 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let bits = (seed >> 32) as u32;
+            let x = f32::from_bits(bits);
+            // Finite values whose parts stay normal (above 2^-100).
+            if x.is_finite() && (x == 0.0 || x.abs() > 1e-30) {
+                xs.push(x);
+            }
+        }
+        for &x in &xs {
+            let p = split3(x);
+            assert_eq!(value(p), x as f64, "{x:e} = {p:?}");
+            assert!(value(p).is_finite());
+            let (hi, mid, lo) = (
+                value([p[0], 0, 0]),
+                value([p[1], 0, 0]),
+                value([p[2], 0, 0]),
+            );
+            let ax = (x as f64).abs();
+            assert!(
+                mid.abs() <= ax * 2f64.powi(-8) && lo.abs() <= ax * 2f64.powi(-15),
+                "{x:e}"
+            );
+            assert!(hi.is_finite());
+        }
+        // Denormals: the parts lose at most what bf16 denormals cannot hold.
+        for x in [1e-39f32, -3e-40, 1.17e-38, f32::from_bits(1)] {
+            assert!((value(split3(x)) - x as f64).abs() <= 1e-40, "{x:e}");
+        }
+        // Non-finite: NaN anywhere in the parts that the GEMM always uses (mid), never a
+        // finite set of parts.
+        for x in [
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::from_bits(0x7F80_0001),
+            f32::from_bits(0x7FFF_FFFF),
+        ] {
+            let p = split3(x);
+            let mid = f32::from_bits((p[1] as u32) << 16);
+            assert!(mid.is_nan(), "{x} -> {p:?}");
+        }
+    }
+
+    #[test]
+    fn vector_split_matches_scalar() {
+        if !std::is_x86_feature_detected!("avx512bw") {
+            return;
+        }
+        use std::arch::x86_64::*;
+        let mut xs: Vec<f32> = vec![
+            f32::NAN,
+            f32::INFINITY,
+            -f32::INFINITY,
+            f32::MAX,
+            3.3961e38,
+            -0.0,
+            1e-39,
+            f32::from_bits(0x7FFF_FFFF),
+            f32::from_bits(0x7F80_0001),
+        ];
+        let mut seed = 99u64;
+        while xs.len() < 16 * 4096 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            xs.push(f32::from_bits((seed >> 32) as u32));
+        }
+        for chunk in xs.chunks(16) {
+            let mut out = [[0u32; 16]; 3];
+            // SAFETY: AVX-512BW detected above.
+            unsafe {
+                let parts = avx512::split::<true>(_mm512_loadu_ps(chunk.as_ptr()));
+                for (o, p) in out.iter_mut().zip(parts) {
+                    _mm512_storeu_si512(o.as_mut_ptr().cast(), p);
+                }
+            }
+            for (i, &x) in chunk.iter().enumerate() {
+                let want = split3(x);
+                let got = [out[0][i], out[1][i], out[2][i]].map(|b| (b >> 16) as u16);
+                // NaN payloads may differ; NaN-ness must not.
+                for (g, w) in got.iter().zip(want) {
+                    let (g, w) = (
+                        f32::from_bits((*g as u32) << 16),
+                        f32::from_bits((w as u32) << 16),
+                    );
+                    assert!(
+                        g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                        "{x:e}: {got:?} vs {want:?}"
+                    );
+                }
+                assert!(out.iter().all(|o| o[i] & 0xFFFF == 0));
+            }
+        }
+    }
+}

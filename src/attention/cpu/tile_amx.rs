@@ -1,0 +1,128 @@
+//! One task of the CPU kernel on AMX tiles: the FlashAttention-2 loop of [`super::tile`] with
+//! both products on the tile unit, every operand split into bf16 parts ([`super::split`]).
+//!
+//! `Sᵀ = K·Qᵀ` (keys × queries, the layout the softmax works on): Qᵀ is packed once per task,
+//! each K block once (reused by every query of the task). `Oᵀ = Vᵀ·Pᵀ` (head dim × queries):
+//! each V block is packed transposed (gathers), Pᵀ is split straight from the score tile. The
+//! output accumulator stays transposed until the end of the task.
+
+use super::amx::{self, Tiles};
+use super::convert::load_row;
+use super::softmax::{RowState, LANES};
+use super::split::{self, APack, BPack};
+use super::tile::{finish_scores, write_out, Aligned, Rows};
+use super::{OutPtr, Plan};
+use crate::attention::{AttentionProblem, CpuInputs, Elems};
+use crate::Result;
+
+/// Runs task `t` on AMX.
+///
+/// # Safety
+/// [`amx::supported`] must be true (it implies AVX-512F/BW; the plan also checked DQ).
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma,f16c")]
+pub unsafe fn run(
+    plan: &Plan,
+    p: &AttentionProblem,
+    inp: &CpuInputs,
+    out: &OutPtr,
+    t: usize,
+) -> Result<()> {
+    let rows = Rows::new(plan, p, inp, t);
+    let n = rows.head_pos.len();
+    let (d, dv, bc) = (p.head_dim, p.v_head_dim, plan.block_keys);
+    let (b, kvh) = (rows.b, rows.kvh);
+    let (j_start, j_end) = match (rows.lo.first(), rows.hi_key.last()) {
+        (Some(&lo), Some(&hi)) if hi > lo => (lo, hi),
+        _ => return write_out(p, &rows, &vec![0.0; n * dv], &[], out),
+    };
+    let _tiles = Tiles::configure();
+    let cols = n.next_multiple_of(LANES);
+    // An odd number of vectors per row, as in the AVX-512 path (column walks hit every set).
+    let ld = cols | LANES;
+    let nt = cols / 16;
+    let mut row = vec![0.0f32; d.max(dv).max(bc)];
+    // Qᵀ scaled into log2 units, then split once for the whole task.
+    let dk = d.div_ceil(32);
+    let mut qpack = BPack::new(3, dk, nt);
+    {
+        let mut qt = Aligned::new(d * ld, 0.0);
+        let qs = p.q_strides;
+        let q_scale = p.scale * std::f32::consts::LOG2_E;
+        for (r, &(h, i)) in rows.head_pos.iter().enumerate() {
+            let row = &mut row[..d];
+            load_row(inp.q, b * qs[0] + h * qs[1] + i * qs[2], qs[3], row);
+            for (col, &x) in qt.iter_mut().skip(r).step_by(ld).zip(row.iter()) {
+                *col = x * q_scale;
+            }
+        }
+        split::pack_b_pairs::<true>(&mut qpack, &qt, ld, d, dk)?;
+    }
+    // bf16 K/V are exact in one part, fp16 in two: fewer products.
+    let mut kpack = APack::new(split::parts_for(inp.k), bc.div_ceil(16), dk);
+    let dvt = dv.div_ceil(16);
+    let mut vpack = APack::new(split::parts_for(inp.v), dvt, bc.div_ceil(32));
+    let mut ppack = BPack::new(3, bc.div_ceil(32), nt);
+    let mut st = Aligned::new(bc.next_multiple_of(16) * ld, 0.0);
+    let mut ot = Aligned::new(16 * dvt * ld, 0.0);
+    let (ks, vs) = (inp.k_strides, inp.v_strides);
+    // f32 K rows are split in place when contiguous, f32 V gathered in place when its rows are
+    // close enough for 32-bit gather offsets; anything else goes through a dense f32 block.
+    let k_direct = match inp.k {
+        Elems::F32(k) if ks[3] == 1 => Some(k),
+        _ => None,
+    };
+    let v_direct = match inp.v {
+        Elems::F32(v) if 31 * vs[2] <= i32::MAX as usize => Some(v),
+        _ => None,
+    };
+    let mut kbuf = vec![0.0f32; if k_direct.is_none() { bc * d } else { 0 }];
+    let mut vbuf = vec![0.0f32; if v_direct.is_none() { bc * dv } else { 0 }];
+    let mut state = RowState::new(ld);
+    let last = n - 1;
+    let mut j0 = j_start;
+    while j0 < j_end {
+        let nk = bc.min(j_end - j0);
+        let k_off = b * ks[0] + kvh * ks[1] + j0 * ks[2];
+        match k_direct {
+            Some(k) => split::pack_a_rows(&mut kpack, k, k_off, ks[2], nk, d)?,
+            None => {
+                for (j, dst) in kbuf.chunks_mut(d).take(nk).enumerate() {
+                    load_row(inp.k, k_off + j * ks[2], ks[3], dst);
+                }
+                split::pack_a_rows(&mut kpack, &kbuf, 0, d, nk, d)?
+            }
+        }
+        amx::gemm(&kpack, nk.div_ceil(16), &qpack, dk, &mut st, ld, true)?;
+        let boundary = j0 < rows.lo[last] || j0 + nk > rows.hi_key[0];
+        finish_scores(p, inp, &rows, &mut st, ld, j0, nk, boundary, &mut row);
+        let finite = !boundary && p.mask.is_none();
+        if state.update_avx512(&mut st, ld, cols, nk, None, finite) {
+            for orow in ot.chunks_mut(ld) {
+                for (x, &a) in orow[..cols].iter_mut().zip(&state.alpha) {
+                    *x *= a;
+                }
+            }
+        }
+        let v_off = b * vs[0] + kvh * vs[1] + j0 * vs[2];
+        match v_direct {
+            Some(v) => split::pack_a_cols(&mut vpack, v, v_off, vs[2], vs[3], dv, nk)?,
+            None => {
+                for (j, dst) in vbuf.chunks_mut(dv).take(nk).enumerate() {
+                    load_row(inp.v, v_off + j * vs[2], vs[3], dst);
+                }
+                split::pack_a_cols(&mut vpack, &vbuf, 0, dv, 1, dv, nk)?
+            }
+        }
+        let kcv = nk.div_ceil(32);
+        split::pack_b_pairs::<false>(&mut ppack, &st, ld, nk, kcv)?;
+        amx::gemm(&vpack, dvt, &ppack, kcv, &mut ot, ld, false)?;
+        j0 += nk;
+    }
+    let mut o = vec![0.0f32; n * dv];
+    for (e, orow) in ot.chunks(ld).take(dv).enumerate() {
+        for (r, &x) in orow[..n].iter().enumerate() {
+            o[r * dv + e] = x;
+        }
+    }
+    write_out(p, &rows, &o, &state.l, out)
+}
