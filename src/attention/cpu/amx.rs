@@ -170,25 +170,34 @@ fn internal(what: &str) -> Error {
 }
 
 /// `C (+)= Σ A_i · B_j` over [`products`], for the first `mt` row tiles of `a`, the first `kc`
-/// 32-wide k chunks of both and every column tile of `b`: C is `16·mt × 16·b.nt` f32 with row
-/// stride `ldc`, overwritten when `zero`, accumulated into otherwise.
+/// 32-wide k chunks of both and the column tiles `tiles` of `b`: C is `16·mt × 16·b.nt` f32
+/// with row stride `ldc` (only the columns of `tiles` are touched), overwritten when `zero`,
+/// accumulated into otherwise.
 ///
 /// # Safety
 /// The thread's tiles must be configured ([`Tiles::configure`]). Extents are checked.
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm(
     a: &APack,
     mt: usize,
     b: &BPack,
     kc: usize,
+    tiles: std::ops::Range<usize>,
     c: &mut [f32],
     ldc: usize,
     zero_c: bool,
 ) -> Result<()> {
     let nt = b.nt;
-    if mt == 0 || nt == 0 {
+    if mt == 0 || tiles.is_empty() {
         return Ok(());
     }
-    if mt > a.mt || kc > a.kc || kc > b.kc || a.words() > a.buf.len() || b.words() > b.buf.len() {
+    if mt > a.mt
+        || kc > a.kc
+        || kc > b.kc
+        || tiles.end > nt
+        || a.words() > a.buf.len()
+        || b.words() > b.buf.len()
+    {
         return Err(internal("operand tiles out of range"));
     }
     if ldc < 16 * nt || (16 * mt - 1) * ldc + 16 * nt > c.len() {
@@ -210,9 +219,9 @@ pub unsafe fn gemm(
     let cp = c.as_mut_ptr();
     // Column pairs outer: the pair's B tiles (12 KiB at D = 64) stay in L1 while every row
     // pair of A passes.
-    let mut n0 = 0;
-    while n0 < nt {
-        let nb = (nt - n0).min(2);
+    let mut n0 = tiles.start;
+    while n0 < tiles.end {
+        let nb = (tiles.end - n0).min(2);
         let mut m0 = 0;
         while m0 < mt {
             let mb = (mt - m0).min(2);
@@ -338,10 +347,10 @@ mod tests {
                 assert_eq!(&ap.buf[..], &ap2.buf[..], "{m}x{k} parts {parts}");
                 let mut c = vec![f32::NAN; 16 * mt * ld];
                 let _t = unsafe { Tiles::configure() };
-                unsafe { gemm(&ap, mt, &bp, kc, &mut c, ld, true).unwrap() };
+                unsafe { gemm(&ap, mt, &bp, kc, 0..nt, &mut c, ld, true).unwrap() };
                 // Accumulating onto C: twice the product.
                 let mut c2 = c.clone();
-                unsafe { gemm(&ap, mt, &bp, kc, &mut c2, ld, false).unwrap() };
+                unsafe { gemm(&ap, mt, &bp, kc, 0..nt, &mut c2, ld, false).unwrap() };
                 for r in 0..m {
                     for col in 0..n {
                         let want: f64 = (0..k)
@@ -376,5 +385,46 @@ mod tests {
 
     fn bf(x: u16) -> f64 {
         f32::from_bits((x as u32) << 16) as f64
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::super::split::{APack, BPack};
+    use super::*;
+
+    /// `cargo test --release --lib amx::timing -- --ignored --nocapture`: tile products per
+    /// second of the GEMM on the kernel's block shapes (peak: one per 16 cycles).
+    #[test]
+    #[ignore]
+    fn gemm_rate() {
+        if !supported() {
+            return;
+        }
+        for (zero, nt, kc) in [
+            (true, 16, 2),
+            (false, 16, 2),
+            (true, 2, 2),
+            (true, 16, 8),
+            (true, 4, 8),
+        ] {
+            let a = APack::new(3, 4, kc);
+            let b = BPack::new(3, kc, nt);
+            let ld = 16 * nt + 16;
+            let mut c = vec![0.0f32; 64 * ld];
+            let _t = unsafe { Tiles::configure() };
+            let iters = 20_000 / nt;
+            let t0 = std::time::Instant::now();
+            for _ in 0..iters {
+                unsafe { gemm(&a, 4, &b, kc, 0..nt, &mut c, ld, zero).unwrap() };
+            }
+            let dt = t0.elapsed().as_secs_f64();
+            let tdps = (iters * 4 * nt * kc * 6) as f64;
+            println!(
+                "zero {zero} nt {nt} kc {kc}: {:.1} ns per product, {:.0} GFLOP/s bf16",
+                dt / tdps * 1e9,
+                tdps * 16384.0 / dt / 1e9
+            );
+        }
     }
 }

@@ -56,6 +56,8 @@ pub struct RowState {
     /// What the last update subtracted from each column's scores (the max, or 0 where no key
     /// was visible yet).
     m_ref: Vec<f32>,
+    /// The current block's column maxima, when computed here.
+    bmax: Vec<f32>,
 }
 
 impl RowState {
@@ -66,6 +68,7 @@ impl RowState {
             l: vec![0.0; cols],
             alpha: vec![1.0; cols],
             m_ref: vec![0.0; cols],
+            bmax: vec![f32::NEG_INFINITY; cols],
         }
     }
 
@@ -78,8 +81,21 @@ impl RowState {
     /// Works on 16 query columns at a time so that maxima and sums stay in registers.
     #[inline(always)]
     pub fn update(&mut self, st: &mut [f32], ld: usize, cols: usize, keys: usize) -> bool {
+        self.update_cols(st, ld, 0, cols, keys)
+    }
+
+    /// [`RowState::update`] on columns `first..cols` only (`first` a multiple of [`LANES`]).
+    #[inline(always)]
+    pub fn update_cols(
+        &mut self,
+        st: &mut [f32],
+        ld: usize,
+        first: usize,
+        cols: usize,
+        keys: usize,
+    ) -> bool {
         let mut moved = false;
-        for c0 in (0..cols).step_by(LANES) {
+        for c0 in (first..cols).step_by(LANES) {
             let (Some(m), Some(l), Some(alpha)) = (
                 self.m.get_mut(c0..c0 + LANES),
                 self.l.get_mut(c0..c0 + LANES),
@@ -154,34 +170,108 @@ impl RowState {
         block_max: Option<&[f32]>,
         finite: bool,
     ) -> bool {
+        self.update_cols_avx512(st, ld, 0, cols, keys, block_max, finite)
+    }
+
+    /// [`RowState::update_avx512`] on columns `first..cols` only (`first` a multiple of
+    /// [`LANES`]; `block_max` still indexed from column 0).
+    ///
+    /// # Safety
+    /// As [`RowState::update_avx512`].
+    #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn update_cols_avx512(
+        &mut self,
+        st: &mut [f32],
+        ld: usize,
+        first: usize,
+        cols: usize,
+        keys: usize,
+        block_max: Option<&[f32]>,
+        finite: bool,
+    ) -> bool {
+        let Some(moved) = self.prepare_cols_avx512(st, ld, first, cols, keys, block_max) else {
+            return self.update_cols(st, ld, first.min(cols), cols, keys);
+        };
+        let base = st.as_mut_ptr();
+        let (mref, l) = (self.m_ref.as_ptr(), self.l.as_mut_ptr());
+        let mut c0 = first;
+        while c0 < cols {
+            let nv = ((cols - c0) / LANES).min(4);
+            match (nv, finite) {
+                (4, true) => exp_rows::<4, false>(base, ld, keys, c0, mref, l),
+                (4, false) => exp_rows::<4, true>(base, ld, keys, c0, mref, l),
+                (3, true) => exp_rows::<3, false>(base, ld, keys, c0, mref, l),
+                (3, false) => exp_rows::<3, true>(base, ld, keys, c0, mref, l),
+                (2, true) => exp_rows::<2, false>(base, ld, keys, c0, mref, l),
+                (2, false) => exp_rows::<2, true>(base, ld, keys, c0, mref, l),
+                (_, true) => exp_rows::<1, false>(base, ld, keys, c0, mref, l),
+                (_, false) => exp_rows::<1, true>(base, ld, keys, c0, mref, l),
+            }
+            c0 += nv * LANES;
+        }
+        moved
+    }
+
+    /// The first half of [`RowState::update_cols_avx512`]: the block's column maxima (from
+    /// `block_max` or computed), the new running max, `alpha`, the reference [`RowState::m_ref`]
+    /// the exponentials subtract, and `l` rescaled by `alpha` (the caller adds the block's
+    /// sums). Returns whether some column's max moved from a finite value, or `None` when the
+    /// shapes do not fit (nothing changed then).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F and AVX-512DQ.
+    #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
+    #[inline]
+    pub unsafe fn prepare_cols_avx512(
+        &mut self,
+        st: &[f32],
+        ld: usize,
+        first: usize,
+        cols: usize,
+        keys: usize,
+        block_max: Option<&[f32]>,
+    ) -> Option<bool> {
         use std::arch::x86_64::*;
-        if !cols.is_multiple_of(LANES)
+        if !first.is_multiple_of(LANES)
+            || first > cols
+            || !cols.is_multiple_of(LANES)
             || cols > ld
             || (keys > 0 && st.len() < (keys - 1) * ld + cols)
             || self.m.len() < cols
             || self.l.len() < cols
             || self.alpha.len() < cols
             || self.m_ref.len() < cols
+            || self.bmax.len() < cols
             || block_max.is_some_and(|b| b.len() < cols)
         {
-            return self.update(st, ld, cols, keys);
+            return None;
         }
         let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
-        let base = st.as_mut_ptr();
+        let bmax = match block_max {
+            Some(b) => b.as_ptr(),
+            None => {
+                let mut c0 = first;
+                while c0 < cols {
+                    let nv = ((cols - c0) / LANES).min(4);
+                    let out = self.bmax.as_mut_ptr();
+                    match nv {
+                        4 => col_max::<4>(st.as_ptr(), ld, keys, c0, out),
+                        3 => col_max::<3>(st.as_ptr(), ld, keys, c0, out),
+                        2 => col_max::<2>(st.as_ptr(), ld, keys, c0, out),
+                        _ => col_max::<1>(st.as_ptr(), ld, keys, c0, out),
+                    }
+                    c0 += nv * LANES;
+                }
+                self.bmax.as_ptr()
+            }
+        };
         let mut moved: __mmask16 = 0;
         // Per 16 columns: the new max, alpha, the reference subtracted from the scores, and
-        // l scaled by alpha (the block's sum is added below).
-        for c0 in (0..cols).step_by(LANES) {
-            let bm = match block_max {
-                Some(b) => _mm512_loadu_ps(b.as_ptr().add(c0)),
-                None => {
-                    let mut bm = neg_inf;
-                    for j in 0..keys {
-                        bm = _mm512_max_ps(bm, _mm512_loadu_ps(base.add(j * ld + c0)));
-                    }
-                    bm
-                }
-            };
+        // l scaled by alpha (the block's sum is added by the exponentials).
+        for c0 in (first..cols).step_by(LANES) {
+            let bm = _mm512_loadu_ps(bmax.add(c0));
             let m_old = _mm512_loadu_ps(self.m.as_ptr().add(c0));
             let m_new = _mm512_max_ps(m_old, bm);
             moved |= _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m_new, m_old)
@@ -197,23 +287,52 @@ impl RowState {
             let lp = self.l.as_mut_ptr().add(c0);
             _mm512_storeu_ps(lp, _mm512_mul_ps(_mm512_loadu_ps(lp), alpha));
         }
-        let (mref, l) = (self.m_ref.as_ptr(), self.l.as_mut_ptr());
-        let mut c0 = 0;
-        while c0 < cols {
-            let nv = ((cols - c0) / LANES).min(4);
-            match (nv, finite) {
-                (4, true) => exp_rows::<4, false>(base, ld, keys, c0, mref, l),
-                (4, false) => exp_rows::<4, true>(base, ld, keys, c0, mref, l),
-                (3, true) => exp_rows::<3, false>(base, ld, keys, c0, mref, l),
-                (3, false) => exp_rows::<3, true>(base, ld, keys, c0, mref, l),
-                (2, true) => exp_rows::<2, false>(base, ld, keys, c0, mref, l),
-                (2, false) => exp_rows::<2, true>(base, ld, keys, c0, mref, l),
-                (_, true) => exp_rows::<1, false>(base, ld, keys, c0, mref, l),
-                (_, false) => exp_rows::<1, true>(base, ld, keys, c0, mref, l),
-            }
-            c0 += nv * LANES;
+        Some(moved != 0)
+    }
+
+    /// What the last update subtracted from each column's scores, and the running sums (to
+    /// which the caller adds the block's sums after [`RowState::prepare_cols_avx512`]).
+    pub fn m_ref_and_l(&mut self) -> (&[f32], &mut [f32]) {
+        (&self.m_ref, &mut self.l)
+    }
+}
+
+/// `out[c0 + c] = max_j st[j][c0 + c]` for `c < 16·V`: even and odd rows in separate chains,
+/// so 2·V maxima are in flight instead of one chain of `keys` dependent ones per vector.
+///
+/// # Safety
+/// AVX-512F; `st` holds `keys` rows of stride `ld` covering the columns, `out` covers them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
+#[inline]
+unsafe fn col_max<const V: usize>(
+    st: *const f32,
+    ld: usize,
+    keys: usize,
+    c0: usize,
+    out: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let mut even = [_mm512_set1_ps(f32::NEG_INFINITY); V];
+    let mut odd = even;
+    let mut j = 0;
+    while j + 1 < keys {
+        for v in 0..V {
+            even[v] = _mm512_max_ps(even[v], _mm512_loadu_ps(st.add(j * ld + c0 + LANES * v)));
+            odd[v] = _mm512_max_ps(
+                odd[v],
+                _mm512_loadu_ps(st.add((j + 1) * ld + c0 + LANES * v)),
+            );
         }
-        moved != 0
+        j += 2;
+    }
+    if j < keys {
+        for v in 0..V {
+            even[v] = _mm512_max_ps(even[v], _mm512_loadu_ps(st.add(j * ld + c0 + LANES * v)));
+        }
+    }
+    for v in 0..V {
+        _mm512_storeu_ps(out.add(c0 + LANES * v), _mm512_max_ps(even[v], odd[v]));
     }
 }
 
@@ -223,7 +342,7 @@ impl RowState {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
 #[inline]
-unsafe fn exp2_avx512<const CLAMP: bool>(
+pub unsafe fn exp2_avx512<const CLAMP: bool>(
     x: std::arch::x86_64::__m512,
 ) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;

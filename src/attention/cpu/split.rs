@@ -145,7 +145,7 @@ fn internal(what: &str) -> Error {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub use avx512::{pack_a_cols, pack_a_rows, pack_b_pairs};
+pub use avx512::{exp_pack_p, pack_a_cols, pack_a_rows, pack_b_pairs};
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
@@ -319,25 +319,107 @@ mod avx512 {
         Ok(())
     }
 
+    /// The softmax numerators of one block packed as B, straight from the scores: for key rows
+    /// `0..keys` of `st` (row stride `ld`) and the column tiles `tiles`,
+    /// `P = 2^(s − m_ref[col])` (an exact 0 for −∞ scores with `CLAMP`), split into three parts
+    /// and packed as [`pack_b_pairs`] would pack it (rows `keys..32·kc` zero); adds each
+    /// column's sum of P to `l`. The scores are left as they were.
+    ///
+    /// # Safety
+    /// AVX-512F/BW/DQ. Extents are checked.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn exp_pack_p<const CLAMP: bool>(
+        dst: &mut BPack,
+        st: &[f32],
+        ld: usize,
+        keys: usize,
+        kc: usize,
+        tiles: std::ops::Range<usize>,
+        m_ref: &[f32],
+        l: &mut [f32],
+    ) -> Result<()> {
+        use super::super::softmax::exp2_avx512;
+        let (nt, parts) = (dst.nt, dst.parts);
+        if keys == 0 || tiles.is_empty() {
+            return Ok(());
+        }
+        if kc > dst.kc
+            || keys > 32 * kc
+            || parts != 3
+            || dst.words() > dst.buf.len()
+            || ld < 16 * nt
+            || tiles.end > nt
+            || m_ref.len() < 16 * tiles.end
+            || l.len() < 16 * tiles.end
+            || (keys - 1) * ld + 16 * nt > st.len()
+        {
+            return Err(internal("P block larger than its pack"));
+        }
+        let high = _mm512_set1_epi32(HIGH as i32);
+        let base = dst.buf.as_mut_ptr();
+        for t in tiles {
+            let mr = _mm512_loadu_ps(m_ref.as_ptr().add(16 * t));
+            let p = |k: usize| {
+                if k < keys {
+                    let s = _mm512_loadu_ps(st.as_ptr().add(k * ld + 16 * t));
+                    exp2_avx512::<CLAMP>(_mm512_sub_ps(s, mr))
+                } else {
+                    _mm512_setzero_ps()
+                }
+            };
+            let mut sum = _mm512_setzero_ps();
+            for c in 0..kc {
+                for r in 0..16 {
+                    let k = 32 * c + 2 * r;
+                    let (pe, po) = (p(k), p(k + 1));
+                    sum = _mm512_add_ps(sum, _mm512_add_ps(pe, po));
+                    let (e, o) = (split::<false>(pe), split::<false>(po));
+                    for part in 0..3 {
+                        let pair = _mm512_ternarylogic_epi32::<0xF8>(
+                            _mm512_srli_epi32::<16>(e[part]),
+                            o[part],
+                            high,
+                        );
+                        let tile = (part * dst.kc + c) * nt + t;
+                        _mm512_storeu_si512(base.add(tile * TILE_WORDS + 32 * r).cast(), pair);
+                    }
+                }
+            }
+            let lp = l.as_mut_ptr().add(16 * t);
+            _mm512_storeu_ps(lp, _mm512_add_ps(_mm512_loadu_ps(lp), sum));
+        }
+        Ok(())
+    }
+
     /// Packs rows `0..rows` of an f32 matrix with row stride `ld` and `16·dst.nt` columns as B
-    /// (rows = K, columns = N), zero from row `rows` to `32·kc`. Used for Qᵀ (head dim ×
-    /// queries, `GUARD`: arbitrary values) and Pᵀ (keys × queries, values in [0, 1]).
+    /// (rows = K, columns = N), zero from row `rows` to `32·kc`; only the column tiles
+    /// `tiles`. Used for Qᵀ (head dim × queries, `GUARD`: arbitrary values) and Pᵀ (keys ×
+    /// queries, values in [0, 1]).
     ///
     /// # Safety
     /// AVX-512F/BW. Extents are checked.
     #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
     pub unsafe fn pack_b_pairs<const GUARD: bool>(
         dst: &mut BPack,
         src: &[f32],
         ld: usize,
         rows: usize,
         kc: usize,
+        tiles: std::ops::Range<usize>,
     ) -> Result<()> {
         let (nt, parts) = (dst.nt, dst.parts);
-        if rows == 0 || nt == 0 {
+        if rows == 0 || tiles.is_empty() {
             return Ok(());
         }
-        if kc > dst.kc || rows > 32 * kc || dst.words() > dst.buf.len() || ld < 16 * nt {
+        if kc > dst.kc
+            || rows > 32 * kc
+            || dst.words() > dst.buf.len()
+            || ld < 16 * nt
+            || tiles.end > nt
+        {
             return Err(internal("B block larger than its pack"));
         }
         if (rows - 1) * ld + 16 * nt > src.len() {
@@ -355,7 +437,7 @@ mod avx512 {
         for c in 0..kc {
             for r in 0..16 {
                 let k = 32 * c + 2 * r;
-                for t in 0..nt {
+                for t in tiles.clone() {
                     let (e, o) = (split::<GUARD>(load(k, t)), split::<GUARD>(load(k + 1, t)));
                     for part in 0..parts {
                         // Lane q: (even k in the low half, odd k in the high half).

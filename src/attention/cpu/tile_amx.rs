@@ -13,7 +13,7 @@ use super::split::{self, APack, BPack};
 use super::tile::{finish_scores, write_out, Aligned, Rows};
 use super::{OutPtr, Plan};
 use crate::attention::{AttentionProblem, CpuInputs, Elems};
-use crate::Result;
+use crate::{Error, Result};
 
 /// Runs task `t` on AMX.
 ///
@@ -55,7 +55,7 @@ pub unsafe fn run(
                 *col = x * q_scale;
             }
         }
-        split::pack_b_pairs::<true>(&mut qpack, &qt, ld, d, dk)?;
+        split::pack_b_pairs::<true>(&mut qpack, &qt, ld, d, dk, 0..nt)?;
     }
     // bf16 K/V are exact in one part, fp16 in two: fewer products.
     let mut kpack = APack::new(split::parts_for(inp.k), bc.div_ceil(16), dk);
@@ -92,17 +92,6 @@ pub unsafe fn run(
                 split::pack_a_rows(&mut kpack, &kbuf, 0, d, nk, d)?
             }
         }
-        amx::gemm(&kpack, nk.div_ceil(16), &qpack, dk, &mut st, ld, true)?;
-        let boundary = j0 < rows.lo[last] || j0 + nk > rows.hi_key[0];
-        finish_scores(p, inp, &rows, &mut st, ld, j0, nk, boundary, &mut row);
-        let finite = !boundary && p.mask.is_none();
-        if state.update_avx512(&mut st, ld, cols, nk, None, finite) {
-            for orow in ot.chunks_mut(ld) {
-                for (x, &a) in orow[..cols].iter_mut().zip(&state.alpha) {
-                    *x *= a;
-                }
-            }
-        }
         let v_off = b * vs[0] + kvh * vs[1] + j0 * vs[2];
         match v_direct {
             Some(v) => split::pack_a_cols(&mut vpack, v, v_off, vs[2], vs[3], dv, nk)?,
@@ -113,9 +102,29 @@ pub unsafe fn run(
                 split::pack_a_cols(&mut vpack, &vbuf, 0, dv, 1, dv, nk)?
             }
         }
-        let kcv = nk.div_ceil(32);
-        split::pack_b_pairs::<false>(&mut ppack, &st, ld, nk, kcv)?;
-        amx::gemm(&vpack, dvt, &ppack, kcv, &mut ot, ld, false)?;
+        let boundary = j0 < rows.lo[last] || j0 + nk > rows.hi_key[0];
+        let finite = !boundary && p.mask.is_none();
+        let (mtk, kcv) = (nk.div_ceil(16), nk.div_ceil(32));
+        amx::gemm(&kpack, mtk, &qpack, dk, 0..nt, &mut st, ld, true)?;
+        finish_scores(p, inp, &rows, 0..n, &mut st, ld, j0, nk, boundary, &mut row);
+        let moved = state
+            .prepare_cols_avx512(&st, ld, 0, cols, nk, None)
+            .ok_or_else(|| internal("score tile shapes"))?;
+        if moved {
+            for orow in ot.chunks_mut(ld) {
+                for (x, &a) in orow[..cols].iter_mut().zip(&state.alpha) {
+                    *x *= a;
+                }
+            }
+        }
+        // P straight from the scores into its packed parts (no f32 P tile).
+        let (m_ref, l) = state.m_ref_and_l();
+        if finite {
+            split::exp_pack_p::<false>(&mut ppack, &st, ld, nk, kcv, 0..nt, m_ref, l)?;
+        } else {
+            split::exp_pack_p::<true>(&mut ppack, &st, ld, nk, kcv, 0..nt, m_ref, l)?;
+        }
+        amx::gemm(&vpack, dvt, &ppack, kcv, 0..nt, &mut ot, ld, false)?;
         j0 += nk;
     }
     let mut o = vec![0.0f32; n * dv];
@@ -125,4 +134,10 @@ pub unsafe fn run(
         }
     }
     write_out(p, &rows, &o, &state.l, out)
+}
+
+fn internal(what: &str) -> Error {
+    Error::Other(format!(
+        "internal error in the CPU attention kernel (AMX task): {what}"
+    ))
 }
