@@ -341,8 +341,8 @@ mod tests {
                     pack_a_rows(&mut ap, &a, 0, k, m, k).unwrap();
                     // The same A read as the transpose of a k × m block.
                     let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
-                    pack_a_cols(&mut ap2, &at, 0, m, 1, m, k).unwrap();
-                    pack_b_pairs::<true>(&mut bp, &bt, ld, k, kc).unwrap();
+                    pack_a_cols(&mut ap2, &at, 0, m, m, k).unwrap();
+                    pack_b_pairs::<true>(&mut bp, &bt, ld, k, kc, 0..nt).unwrap();
                 }
                 assert_eq!(&ap.buf[..], &ap2.buf[..], "{m}x{k} parts {parts}");
                 let mut c = vec![f32::NAN; 16 * mt * ld];

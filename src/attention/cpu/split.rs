@@ -250,21 +250,18 @@ mod avx512 {
     }
 
     /// Packs the transpose of an f32 block as A: row `e < rows` of the pack is column `e` of
-    /// the block, `src[off + j·rs + e·cs]` for `j < cols`; zero past `cols` (to `kc` chunks,
-    /// `⌈cols/32⌉`) and in rows `rows..` up to a multiple of 16. Used for a V block (A = Vᵀ:
-    /// head dim × keys), read with gathers.
+    /// the block, `src[off + j·rs + e]` for `j < cols`; zero past `cols` (to `kc = ⌈cols/32⌉`
+    /// chunks) and in rows `rows..` up to a multiple of 16. Used for a V block (A = Vᵀ: head
+    /// dim × keys), transposed 16 × 16 in registers.
     ///
     /// # Safety
-    /// AVX-512F/BW. Extents are checked, and `31·rs` must fit an i32 (else an error: the
-    /// caller copies the block to a dense buffer first).
+    /// AVX-512F/BW. Extents are checked.
     #[target_feature(enable = "avx512f,avx512bw")]
-    #[allow(clippy::too_many_arguments)]
     pub unsafe fn pack_a_cols(
         dst: &mut APack,
         src: &[f32],
         off: usize,
         rs: usize,
-        cs: usize,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
@@ -275,48 +272,72 @@ mod avx512 {
         if rows > 16 * dst.mt || kc > dst.kc || dst.words() > dst.buf.len() {
             return Err(internal("A block larger than its pack"));
         }
-        if off + (cols - 1) * rs + (rows - 1) * cs >= src.len() {
+        if off + (cols - 1) * rs + rows > src.len() {
             return Err(internal("A source out of bounds"));
         }
-        if 31 * rs > i32::MAX as usize {
-            return Err(internal("A source rows too far apart for gathers"));
-        }
         let parts = dst.parts;
-        let step = _mm512_set1_epi32(rs as i32);
-        let idx0 = _mm512_mullo_epi32(
-            _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-            step,
-        );
-        let idx1 = _mm512_add_epi32(idx0, _mm512_slli_epi32::<4>(step));
-        for e in 0..rows.next_multiple_of(16) {
+        for m in 0..rows.div_ceil(16) {
+            let e0 = 16 * m;
+            let mask = lanes(rows - e0);
             for c in 0..kc {
-                let (x0, x1) = if e < rows {
-                    let p = src.as_ptr().add(off + e * cs + 32 * c * rs);
-                    let n = cols - 32 * c;
-                    (
-                        _mm512_mask_i32gather_ps::<4>(
-                            _mm512_setzero_ps(),
-                            lanes(n),
-                            idx0,
-                            p.cast(),
-                        ),
-                        _mm512_mask_i32gather_ps::<4>(
-                            _mm512_setzero_ps(),
-                            lanes(n.saturating_sub(16)),
-                            idx1,
-                            p.cast(),
-                        ),
-                    )
-                } else {
-                    (_mm512_setzero_ps(), _mm512_setzero_ps())
-                };
-                let (s0, s1) = (split::<true>(x0), split::<true>(x1));
-                for part in 0..parts {
-                    _mm512_storeu_si512(dst.row(part, e, c).cast(), narrow(s0[part], s1[part]));
+                // Keys 32c.. and 32c + 16.., each as 16 vectors of 16 head-dim lanes, turned
+                // into 16 vectors (one per head-dim row) of 16 keys.
+                let mut t = [[_mm512_setzero_ps(); 16]; 2];
+                for (h, th) in t.iter_mut().enumerate() {
+                    for (i, x) in th.iter_mut().enumerate() {
+                        let j = 32 * c + 16 * h + i;
+                        if j < cols {
+                            *x = _mm512_maskz_loadu_ps(mask, src.as_ptr().add(off + j * rs + e0));
+                        }
+                    }
+                    transpose16(th);
+                }
+                for e in 0..16 {
+                    let (s0, s1) = (split::<true>(t[0][e]), split::<true>(t[1][e]));
+                    for part in 0..parts {
+                        _mm512_storeu_si512(
+                            dst.row(part, e0 + e, c).cast(),
+                            narrow(s0[part], s1[part]),
+                        );
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Transposes a 16 × 16 f32 block held as 16 row vectors.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn transpose16(r: &mut [__m512; 16]) {
+        // Pairs of rows interleaved, then quads: u[4g + k] holds, in its four 128-bit lanes,
+        // rows 4g..4g+4 of columns k, k + 4, k + 8, k + 12.
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        let mut u = [_mm512_setzero_ps(); 16];
+        for g in 0..4 {
+            let pd = |x: __m512| _mm512_castps_pd(x);
+            let (a, b) = (pd(t[4 * g]), pd(t[4 * g + 2]));
+            let (c, d) = (pd(t[4 * g + 1]), pd(t[4 * g + 3]));
+            u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+            u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+            u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+            u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+        }
+        // Then the 128-bit lanes gathered across the four row groups.
+        for k in 0..4 {
+            let a0 = _mm512_shuffle_f32x4::<0x88>(u[k], u[4 + k]);
+            let a1 = _mm512_shuffle_f32x4::<0xDD>(u[k], u[4 + k]);
+            let b0 = _mm512_shuffle_f32x4::<0x88>(u[8 + k], u[12 + k]);
+            let b1 = _mm512_shuffle_f32x4::<0xDD>(u[8 + k], u[12 + k]);
+            r[k] = _mm512_shuffle_f32x4::<0x88>(a0, b0);
+            r[k + 8] = _mm512_shuffle_f32x4::<0xDD>(a0, b0);
+            r[k + 4] = _mm512_shuffle_f32x4::<0x88>(a1, b1);
+            r[k + 12] = _mm512_shuffle_f32x4::<0xDD>(a1, b1);
+        }
     }
 
     /// The softmax numerators of one block packed as B, straight from the scores: for key rows

@@ -3,7 +3,7 @@
 //!
 //! `Sᵀ = K·Qᵀ` (keys × queries, the layout the softmax works on): Qᵀ is packed once per task,
 //! each K block once (reused by every query of the task). `Oᵀ = Vᵀ·Pᵀ` (head dim × queries):
-//! each V block is packed transposed (gathers), Pᵀ is split straight from the score tile. The
+//! each V block is packed transposed (16 × 16 register transposes), Pᵀ is split straight from the score tile. The
 //! output accumulator stays transposed until the end of the task.
 
 use super::amx::{self, Tiles};
@@ -65,14 +65,14 @@ pub unsafe fn run(
     let mut st = Aligned::new(bc.next_multiple_of(16) * ld, 0.0);
     let mut ot = Aligned::new(16 * dvt * ld, 0.0);
     let (ks, vs) = (inp.k_strides, inp.v_strides);
-    // f32 K rows are split in place when contiguous, f32 V gathered in place when its rows are
-    // close enough for 32-bit gather offsets; anything else goes through a dense f32 block.
+    // f32 K and V rows are split in place when contiguous; anything else goes through a dense
+    // f32 block.
     let k_direct = match inp.k {
         Elems::F32(k) if ks[3] == 1 => Some(k),
         _ => None,
     };
     let v_direct = match inp.v {
-        Elems::F32(v) if 31 * vs[2] <= i32::MAX as usize => Some(v),
+        Elems::F32(v) if vs[3] == 1 => Some(v),
         _ => None,
     };
     let mut kbuf = vec![0.0f32; if k_direct.is_none() { bc * d } else { 0 }];
@@ -94,12 +94,12 @@ pub unsafe fn run(
         }
         let v_off = b * vs[0] + kvh * vs[1] + j0 * vs[2];
         match v_direct {
-            Some(v) => split::pack_a_cols(&mut vpack, v, v_off, vs[2], vs[3], dv, nk)?,
+            Some(v) => split::pack_a_cols(&mut vpack, v, v_off, vs[2], dv, nk)?,
             None => {
                 for (j, dst) in vbuf.chunks_mut(dv).take(nk).enumerate() {
                     load_row(inp.v, v_off + j * vs[2], vs[3], dst);
                 }
-                split::pack_a_cols(&mut vpack, &vbuf, 0, dv, 1, dv, nk)?
+                split::pack_a_cols(&mut vpack, &vbuf, 0, dv, dv, nk)?
             }
         }
         let boundary = j0 < rows.lo[last] || j0 + nk > rows.hi_key[0];
