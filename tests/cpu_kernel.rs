@@ -313,7 +313,18 @@ fn build(c: &Case) -> Built {
 
 /// Runs the kernel (with `isa`) and both references; returns (kernel, fp64, naive-in-dtype).
 fn run(c: &Case, isa: Isa, threads: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let bt = build(c);
+    run_edited(c, isa, threads, |_| {})
+}
+
+/// [`run`] on the case's tensors after `edit` (e.g. a NaN planted in one input).
+fn run_edited(
+    c: &Case,
+    isa: Isa,
+    threads: usize,
+    edit: impl Fn(&mut Built),
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let mut bt = build(c);
+    edit(&mut bt);
     let p = &bt.p;
     // K/V with past: the kernel reads present = concat(past, new), as the ORT op does.
     let (k_all, v_all, k_strides, v_strides) = if c.past > 0 {
@@ -475,8 +486,88 @@ proptest! {
 
     /// Every instruction-set path and a threaded run agree with the reference.
     #[test]
-    fn every_isa_and_threads(c in case(DType::F32), isa in prop::sample::select(vec![Isa::Portable, Isa::Avx2, Isa::Avx512])) {
+    fn every_isa_and_threads(c in case(DType::F32), isa in prop::sample::select(vec![Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Amx])) {
         check(&c, isa, 3)?;
+    }
+
+    /// The AMX path (fp32 through bf16 parts) and the AVX-512 path each within 1e-5 of the
+    /// fp64 reference on the same problems, whatever `FLASH_ORT_CPU_NO_AMX` says (on a CPU
+    /// without AMX both run the vector path).
+    #[test]
+    fn amx_and_vector_paths(c in case(DType::F32)) {
+        check(&c, Isa::Amx, 2)?;
+        check(&c, Isa::Avx512, 2)?;
+    }
+}
+
+/// Worst fp32 error against fp64 of both paths on S = 1024 problems (printed with
+/// `--nocapture`): the AMX path's bf16 splitting keeps the error at the vector path's level.
+#[test]
+fn amx_error_level_matches_fp32() {
+    let big = Case {
+        q_len: 1024,
+        new_kv: 1024,
+        kv_heads: 1,
+        group: 2,
+        ..base()
+    };
+    for c in [
+        big.clone(),
+        Case {
+            magnitude: 2.0,
+            d: 128,
+            dv: 128,
+            q_len: 512,
+            ..big.clone()
+        },
+        Case {
+            causal: true,
+            mask: MaskKindSpec::F32,
+            ..big
+        },
+    ] {
+        let mut errs = Vec::new();
+        for isa in [Isa::Amx, Isa::Avx512] {
+            let (got, exact, _) = run(&c, isa, 2);
+            let err = max_err(&got, &exact);
+            let tol = 1e-5 * exact.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+            assert!(err <= tol, "{isa:?}: {err:e} > {tol:e}");
+            errs.push(err);
+        }
+        println!("max |error| vs fp64: AMX {:e}, AVX-512 {:e}", errs[0], errs[1]);
+        // Same order of magnitude as fp32 FMAs (not bf16's 1e-3).
+        assert!(errs[0] <= 4.0 * errs[1] + 1e-7, "{errs:?}");
+    }
+}
+
+/// A NaN in Q, K or V reaches exactly the outputs it reaches on the vector path (never a
+/// silently finite value), on AMX as on AVX-512.
+#[test]
+fn nan_inputs_propagate_like_the_vector_path() {
+    let c = Case {
+        q_len: 40,
+        new_kv: 150,
+        ..base()
+    };
+    let plant = |which: usize, at: usize| {
+        move |bt: &mut Built| {
+            let buf = match which {
+                0 => &mut bt.q,
+                1 => &mut bt.k,
+                _ => &mut bt.v,
+            };
+            if let Buf::F32(x) = buf {
+                x[at] = f32::NAN;
+            }
+        }
+    };
+    for (which, at) in [(0, 5 * 64 + 3), (1, 70 * 64 + 9), (2, 100 * 64 + 17), (1, 0)] {
+        let (amx, _, _) = run_edited(&c, Isa::Amx, 1, plant(which, at));
+        let (vec, _, _) = run_edited(&c, Isa::Avx512, 1, plant(which, at));
+        let nan_amx: Vec<bool> = amx.iter().map(|x| x.is_nan()).collect();
+        let nan_vec: Vec<bool> = vec.iter().map(|x| x.is_nan()).collect();
+        assert!(nan_vec.iter().any(|&x| x), "input {which}: no NaN output at all");
+        assert_eq!(nan_amx, nan_vec, "input {which} at {at}");
     }
 }
 

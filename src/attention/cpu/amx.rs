@@ -170,34 +170,25 @@ fn internal(what: &str) -> Error {
 }
 
 /// `C (+)= Σ A_i · B_j` over [`products`], for the first `mt` row tiles of `a`, the first `kc`
-/// 32-wide k chunks of both and the column tiles `tiles` of `b`: C is `16·mt × 16·b.nt` f32
-/// with row stride `ldc` (only the columns of `tiles` are touched), overwritten when `zero`,
-/// accumulated into otherwise.
+/// 32-wide k chunks of both and every column tile of `b`: C is `16·mt × 16·b.nt` f32 with row
+/// stride `ldc`, overwritten when `zero`, accumulated into otherwise.
 ///
 /// # Safety
 /// The thread's tiles must be configured ([`Tiles::configure`]). Extents are checked.
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm(
     a: &APack,
     mt: usize,
     b: &BPack,
     kc: usize,
-    tiles: std::ops::Range<usize>,
     c: &mut [f32],
     ldc: usize,
     zero_c: bool,
 ) -> Result<()> {
     let nt = b.nt;
-    if mt == 0 || tiles.is_empty() {
+    if mt == 0 || nt == 0 {
         return Ok(());
     }
-    if mt > a.mt
-        || kc > a.kc
-        || kc > b.kc
-        || tiles.end > nt
-        || a.words() > a.buf.len()
-        || b.words() > b.buf.len()
-    {
+    if mt > a.mt || kc > a.kc || kc > b.kc || a.words() > a.buf.len() || b.words() > b.buf.len() {
         return Err(internal("operand tiles out of range"));
     }
     if ldc < 16 * nt || (16 * mt - 1) * ldc + 16 * nt > c.len() {
@@ -219,9 +210,9 @@ pub unsafe fn gemm(
     let cp = c.as_mut_ptr();
     // Column pairs outer: the pair's B tiles (12 KiB at D = 64) stay in L1 while every row
     // pair of A passes.
-    let mut n0 = tiles.start;
-    while n0 < tiles.end {
-        let nb = (tiles.end - n0).min(2);
+    let mut n0 = 0;
+    while n0 < nt {
+        let nb = (nt - n0).min(2);
         let mut m0 = 0;
         while m0 < mt {
             let mb = (mt - m0).min(2);
@@ -342,15 +333,15 @@ mod tests {
                     // The same A read as the transpose of a k × m block.
                     let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
                     pack_a_cols(&mut ap2, &at, 0, m, m, k).unwrap();
-                    pack_b_pairs::<true>(&mut bp, &bt, ld, k, kc, 0..nt).unwrap();
+                    pack_b_pairs::<true>(&mut bp, &bt, ld, k, kc).unwrap();
                 }
                 assert_eq!(&ap.buf[..], &ap2.buf[..], "{m}x{k} parts {parts}");
                 let mut c = vec![f32::NAN; 16 * mt * ld];
                 let _t = unsafe { Tiles::configure() };
-                unsafe { gemm(&ap, mt, &bp, kc, 0..nt, &mut c, ld, true).unwrap() };
+                unsafe { gemm(&ap, mt, &bp, kc, &mut c, ld, true).unwrap() };
                 // Accumulating onto C: twice the product.
                 let mut c2 = c.clone();
-                unsafe { gemm(&ap, mt, &bp, kc, 0..nt, &mut c2, ld, false).unwrap() };
+                unsafe { gemm(&ap, mt, &bp, kc, &mut c2, ld, false).unwrap() };
                 for r in 0..m {
                     for col in 0..n {
                         let want: f64 = (0..k)
@@ -416,7 +407,7 @@ mod timing {
             let iters = 20_000 / nt;
             let t0 = std::time::Instant::now();
             for _ in 0..iters {
-                unsafe { gemm(&a, 4, &b, kc, 0..nt, &mut c, ld, zero).unwrap() };
+                unsafe { gemm(&a, 4, &b, kc, &mut c, ld, zero).unwrap() };
             }
             let dt = t0.elapsed().as_secs_f64();
             let tdps = (iters * 4 * nt * kc * 6) as f64;

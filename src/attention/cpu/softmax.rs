@@ -81,21 +81,8 @@ impl RowState {
     /// Works on 16 query columns at a time so that maxima and sums stay in registers.
     #[inline(always)]
     pub fn update(&mut self, st: &mut [f32], ld: usize, cols: usize, keys: usize) -> bool {
-        self.update_cols(st, ld, 0, cols, keys)
-    }
-
-    /// [`RowState::update`] on columns `first..cols` only (`first` a multiple of [`LANES`]).
-    #[inline(always)]
-    pub fn update_cols(
-        &mut self,
-        st: &mut [f32],
-        ld: usize,
-        first: usize,
-        cols: usize,
-        keys: usize,
-    ) -> bool {
         let mut moved = false;
-        for c0 in (first..cols).step_by(LANES) {
+        for c0 in (0..cols).step_by(LANES) {
             let (Some(m), Some(l), Some(alpha)) = (
                 self.m.get_mut(c0..c0 + LANES),
                 self.l.get_mut(c0..c0 + LANES),
@@ -170,33 +157,12 @@ impl RowState {
         block_max: Option<&[f32]>,
         finite: bool,
     ) -> bool {
-        self.update_cols_avx512(st, ld, 0, cols, keys, block_max, finite)
-    }
-
-    /// [`RowState::update_avx512`] on columns `first..cols` only (`first` a multiple of
-    /// [`LANES`]; `block_max` still indexed from column 0).
-    ///
-    /// # Safety
-    /// As [`RowState::update_avx512`].
-    #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
-    #[inline]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn update_cols_avx512(
-        &mut self,
-        st: &mut [f32],
-        ld: usize,
-        first: usize,
-        cols: usize,
-        keys: usize,
-        block_max: Option<&[f32]>,
-        finite: bool,
-    ) -> bool {
-        let Some(moved) = self.prepare_cols_avx512(st, ld, first, cols, keys, block_max) else {
-            return self.update_cols(st, ld, first.min(cols), cols, keys);
+        let Some(moved) = self.prepare_avx512(st, ld, cols, keys, block_max) else {
+            return self.update(st, ld, cols, keys);
         };
         let base = st.as_mut_ptr();
         let (mref, l) = (self.m_ref.as_ptr(), self.l.as_mut_ptr());
-        let mut c0 = first;
+        let mut c0 = 0;
         while c0 < cols {
             let nv = ((cols - c0) / LANES).min(4);
             match (nv, finite) {
@@ -214,7 +180,7 @@ impl RowState {
         moved
     }
 
-    /// The first half of [`RowState::update_cols_avx512`]: the block's column maxima (from
+    /// The first half of [`RowState::update_avx512`]: the block's column maxima (from
     /// `block_max` or computed), the new running max, `alpha`, the reference [`RowState::m_ref`]
     /// the exponentials subtract, and `l` rescaled by `alpha` (the caller adds the block's
     /// sums). Returns whether some column's max moved from a finite value, or `None` when the
@@ -224,19 +190,16 @@ impl RowState {
     /// The CPU must support AVX-512F and AVX-512DQ.
     #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
     #[inline]
-    pub unsafe fn prepare_cols_avx512(
+    pub unsafe fn prepare_avx512(
         &mut self,
         st: &[f32],
         ld: usize,
-        first: usize,
         cols: usize,
         keys: usize,
         block_max: Option<&[f32]>,
     ) -> Option<bool> {
         use std::arch::x86_64::*;
-        if !first.is_multiple_of(LANES)
-            || first > cols
-            || !cols.is_multiple_of(LANES)
+        if !cols.is_multiple_of(LANES)
             || cols > ld
             || (keys > 0 && st.len() < (keys - 1) * ld + cols)
             || self.m.len() < cols
@@ -252,7 +215,7 @@ impl RowState {
         let bmax = match block_max {
             Some(b) => b.as_ptr(),
             None => {
-                let mut c0 = first;
+                let mut c0 = 0;
                 while c0 < cols {
                     let nv = ((cols - c0) / LANES).min(4);
                     let out = self.bmax.as_mut_ptr();
@@ -270,7 +233,7 @@ impl RowState {
         let mut moved: __mmask16 = 0;
         // Per 16 columns: the new max, alpha, the reference subtracted from the scores, and
         // l scaled by alpha (the block's sum is added by the exponentials).
-        for c0 in (first..cols).step_by(LANES) {
+        for c0 in (0..cols).step_by(LANES) {
             let bm = _mm512_loadu_ps(bmax.add(c0));
             let m_old = _mm512_loadu_ps(self.m.as_ptr().add(c0));
             let m_new = _mm512_max_ps(m_old, bm);
@@ -291,7 +254,7 @@ impl RowState {
     }
 
     /// What the last update subtracted from each column's scores, and the running sums (to
-    /// which the caller adds the block's sums after [`RowState::prepare_cols_avx512`]).
+    /// which the caller adds the block's sums after [`RowState::prepare_avx512`]).
     pub fn m_ref_and_l(&mut self) -> (&[f32], &mut [f32]) {
         (&self.m_ref, &mut self.l)
     }

@@ -341,7 +341,7 @@ mod avx512 {
     }
 
     /// The softmax numerators of one block packed as B, straight from the scores: for key rows
-    /// `0..keys` of `st` (row stride `ld`) and the column tiles `tiles`,
+    /// `0..keys` of `st` (row stride `ld`) and every column tile,
     /// `P = 2^(s − m_ref[col])` (an exact 0 for −∞ scores with `CLAMP`), split into three parts
     /// and packed as [`pack_b_pairs`] would pack it (rows `keys..32·kc` zero); adds each
     /// column's sum of P to `l`. The scores are left as they were.
@@ -357,13 +357,12 @@ mod avx512 {
         ld: usize,
         keys: usize,
         kc: usize,
-        tiles: std::ops::Range<usize>,
         m_ref: &[f32],
         l: &mut [f32],
     ) -> Result<()> {
         use super::super::softmax::exp2_avx512;
         let (nt, parts) = (dst.nt, dst.parts);
-        if keys == 0 || tiles.is_empty() {
+        if keys == 0 || nt == 0 {
             return Ok(());
         }
         if kc > dst.kc
@@ -371,16 +370,15 @@ mod avx512 {
             || parts != 3
             || dst.words() > dst.buf.len()
             || ld < 16 * nt
-            || tiles.end > nt
-            || m_ref.len() < 16 * tiles.end
-            || l.len() < 16 * tiles.end
+            || m_ref.len() < 16 * nt
+            || l.len() < 16 * nt
             || (keys - 1) * ld + 16 * nt > st.len()
         {
             return Err(internal("P block larger than its pack"));
         }
         let high = _mm512_set1_epi32(HIGH as i32);
         let base = dst.buf.as_mut_ptr();
-        for t in tiles {
+        for t in 0..nt {
             let mr = _mm512_loadu_ps(m_ref.as_ptr().add(16 * t));
             let p = |k: usize| {
                 if k < keys {
@@ -415,9 +413,8 @@ mod avx512 {
     }
 
     /// Packs rows `0..rows` of an f32 matrix with row stride `ld` and `16·dst.nt` columns as B
-    /// (rows = K, columns = N), zero from row `rows` to `32·kc`; only the column tiles
-    /// `tiles`. Used for Qᵀ (head dim × queries, `GUARD`: arbitrary values) and Pᵀ (keys ×
-    /// queries, values in [0, 1]).
+    /// (rows = K, columns = N), zero from row `rows` to `32·kc`. Used for Qᵀ (head dim ×
+    /// queries; `GUARD` for values that may be huge).
     ///
     /// # Safety
     /// AVX-512F/BW. Extents are checked.
@@ -429,18 +426,12 @@ mod avx512 {
         ld: usize,
         rows: usize,
         kc: usize,
-        tiles: std::ops::Range<usize>,
     ) -> Result<()> {
         let (nt, parts) = (dst.nt, dst.parts);
-        if rows == 0 || tiles.is_empty() {
+        if rows == 0 || nt == 0 {
             return Ok(());
         }
-        if kc > dst.kc
-            || rows > 32 * kc
-            || dst.words() > dst.buf.len()
-            || ld < 16 * nt
-            || tiles.end > nt
-        {
+        if kc > dst.kc || rows > 32 * kc || dst.words() > dst.buf.len() || ld < 16 * nt {
             return Err(internal("B block larger than its pack"));
         }
         if (rows - 1) * ld + 16 * nt > src.len() {
@@ -458,7 +449,7 @@ mod avx512 {
         for c in 0..kc {
             for r in 0..16 {
                 let k = 32 * c + 2 * r;
-                for t in tiles.clone() {
+                for t in 0..nt {
                     let (e, o) = (split::<GUARD>(load(k, t)), split::<GUARD>(load(k + 1, t)));
                     for part in 0..parts {
                         // Lane q: (even k in the low half, odd k in the high half).

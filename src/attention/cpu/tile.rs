@@ -270,18 +270,7 @@ fn run_impl(
                 len: dv,
             }),
         )?;
-        finish_scores(
-            p,
-            inp,
-            &rows,
-            0..n,
-            &mut s.st,
-            ld,
-            j0,
-            nk,
-            boundary,
-            &mut s.row,
-        );
+        finish_scores(p, inp, &rows, &mut s.st, ld, j0, nk, boundary, &mut s.row);
         // Every score finite: no −∞ from masks or boundaries to clamp.
         let finite = !boundary && p.mask.is_none();
         let moved = match plan.isa {
@@ -348,15 +337,14 @@ fn run_impl(
     write_out(p, &rows, &s.o, &state.l, out)
 }
 
-/// Softcap and masks on one block's scores `Sᵀ` (`nk` keys from `j0` × the task's rows `cols`,
-/// row stride `ld`); `boundary` says whether some row's visible range ends inside the block.
+/// Softcap and masks on one block's scores `Sᵀ` (`nk` keys from `j0` × the task's rows, row
+/// stride `ld`); `boundary` says whether some row's visible range ends inside the block.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn finish_scores(
     p: &AttentionProblem,
     inp: &CpuInputs,
     rows: &Rows,
-    cols: std::ops::Range<usize>,
     st: &mut [f32],
     ld: usize,
     j0: usize,
@@ -365,14 +353,12 @@ pub(super) fn finish_scores(
     buf: &mut [f32],
 ) {
     let n = rows.head_pos.len();
-    let cols = cols.start.min(n)..cols.end.min(n);
     if p.softcap > 0.0 {
         // c·tanh(s/c) in log2 units is (c·log2 e)·tanh(s'/(c·log2 e)) for s' = s·log2 e.
-        let cap = p.softcap * std::f32::consts::LOG2_E;
-        softcap(&mut st[cols.start..], ld, nk, cols.len(), cap);
+        softcap(st, ld, nk, n, p.softcap * std::f32::consts::LOG2_E);
     }
     if boundary {
-        for r in cols.clone() {
+        for r in 0..n {
             let lo = rows.lo[r].clamp(j0, j0 + nk);
             let hi = rows.hi_key[r].clamp(lo, j0 + nk);
             for j in (j0..lo).chain(hi..j0 + nk) {
@@ -382,13 +368,7 @@ pub(super) fn finish_scores(
     }
     if let (Some(desc), Some(mask)) = (&p.mask, inp.mask) {
         let ms = desc.strides;
-        for (r, &(h, i)) in rows
-            .head_pos
-            .iter()
-            .enumerate()
-            .take(cols.end)
-            .skip(cols.start)
-        {
+        for (r, &(h, i)) in rows.head_pos.iter().enumerate() {
             let terms = &mut buf[..nk];
             let off = rows.b * ms[0] + h * ms[1] + i * ms[2] + j0 * ms[3];
             load_mask_row(mask, off, ms[3], terms);

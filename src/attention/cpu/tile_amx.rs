@@ -55,7 +55,7 @@ pub unsafe fn run(
                 *col = x * q_scale;
             }
         }
-        split::pack_b_pairs::<true>(&mut qpack, &qt, ld, d, dk, 0..nt)?;
+        split::pack_b_pairs::<true>(&mut qpack, &qt, ld, d, dk)?;
     }
     // bf16 K/V are exact in one part, fp16 in two: fewer products.
     let mut kpack = APack::new(split::parts_for(inp.k), bc.div_ceil(16), dk);
@@ -105,10 +105,10 @@ pub unsafe fn run(
         let boundary = j0 < rows.lo[last] || j0 + nk > rows.hi_key[0];
         let finite = !boundary && p.mask.is_none();
         let (mtk, kcv) = (nk.div_ceil(16), nk.div_ceil(32));
-        amx::gemm(&kpack, mtk, &qpack, dk, 0..nt, &mut st, ld, true)?;
-        finish_scores(p, inp, &rows, 0..n, &mut st, ld, j0, nk, boundary, &mut row);
+        amx::gemm(&kpack, mtk, &qpack, dk, &mut st, ld, true)?;
+        finish_scores(p, inp, &rows, &mut st, ld, j0, nk, boundary, &mut row);
         let moved = state
-            .prepare_cols_avx512(&st, ld, 0, cols, nk, None)
+            .prepare_avx512(&st, ld, cols, nk, None)
             .ok_or_else(|| internal("score tile shapes"))?;
         if moved {
             for orow in ot.chunks_mut(ld) {
@@ -120,11 +120,11 @@ pub unsafe fn run(
         // P straight from the scores into its packed parts (no f32 P tile).
         let (m_ref, l) = state.m_ref_and_l();
         if finite {
-            split::exp_pack_p::<false>(&mut ppack, &st, ld, nk, kcv, 0..nt, m_ref, l)?;
+            split::exp_pack_p::<false>(&mut ppack, &st, ld, nk, kcv, m_ref, l)?;
         } else {
-            split::exp_pack_p::<true>(&mut ppack, &st, ld, nk, kcv, 0..nt, m_ref, l)?;
+            split::exp_pack_p::<true>(&mut ppack, &st, ld, nk, kcv, m_ref, l)?;
         }
-        amx::gemm(&vpack, dvt, &ppack, kcv, 0..nt, &mut ot, ld, false)?;
+        amx::gemm(&vpack, dvt, &ppack, kcv, &mut ot, ld, false)?;
         j0 += nk;
     }
     let mut o = vec![0.0f32; n * dv];
