@@ -534,7 +534,10 @@ fn amx_error_level_matches_fp32() {
             assert!(err <= tol, "{isa:?}: {err:e} > {tol:e}");
             errs.push(err);
         }
-        println!("max |error| vs fp64: AMX {:e}, AVX-512 {:e}", errs[0], errs[1]);
+        println!(
+            "max |error| vs fp64: AMX {:e}, AVX-512 {:e}",
+            errs[0], errs[1]
+        );
         // Same order of magnitude as fp32 FMAs (not bf16's 1e-3).
         assert!(errs[0] <= 4.0 * errs[1] + 1e-7, "{errs:?}");
     }
@@ -561,12 +564,20 @@ fn nan_inputs_propagate_like_the_vector_path() {
             }
         }
     };
-    for (which, at) in [(0, 5 * 64 + 3), (1, 70 * 64 + 9), (2, 100 * 64 + 17), (1, 0)] {
+    for (which, at) in [
+        (0, 5 * 64 + 3),
+        (1, 70 * 64 + 9),
+        (2, 100 * 64 + 17),
+        (1, 0),
+    ] {
         let (amx, _, _) = run_edited(&c, Isa::Amx, 1, plant(which, at));
         let (vec, _, _) = run_edited(&c, Isa::Avx512, 1, plant(which, at));
         let nan_amx: Vec<bool> = amx.iter().map(|x| x.is_nan()).collect();
         let nan_vec: Vec<bool> = vec.iter().map(|x| x.is_nan()).collect();
-        assert!(nan_vec.iter().any(|&x| x), "input {which}: no NaN output at all");
+        assert!(
+            nan_vec.iter().any(|&x| x),
+            "input {which}: no NaN output at all"
+        );
         assert_eq!(nan_amx, nan_vec, "input {which} at {at}");
     }
 }
@@ -746,4 +757,47 @@ fn short_buffers_and_type_mismatches_are_errors_not_panics() {
         ..inp
     };
     assert!(cpu::attention(p, &with_nonpad, ElemsMut::F32(&mut out), &Serial).is_err());
+}
+
+/// `cargo test --release --test cpu_kernel speed_by_dtype -- --ignored --nocapture`: one-thread
+/// time of the AMX and AVX-512 paths per input type (S = 2048, D = 64, 2 heads), best of 5.
+#[test]
+#[ignore]
+fn speed_by_dtype() {
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let c = Case {
+            dtype,
+            q_len: 2048,
+            new_kv: 2048,
+            kv_heads: 2,
+            group: 1,
+            ..base()
+        };
+        let bt = build(&c);
+        let p = &bt.p;
+        let inp = CpuInputs {
+            q: bt.q.elems(),
+            k: bt.k.elems(),
+            k_strides: p.k_strides,
+            v: bt.v.elems(),
+            v_strides: p.v_strides,
+            mask: None,
+            nonpad_kv_seqlen: None,
+        };
+        let n_out = p.batch * p.q_heads * p.q_len * p.v_head_dim;
+        let mut out = Buf::zeros(dtype, n_out);
+        let flops = 4.0 * (p.q_heads * p.q_len * p.kv_len * p.head_dim) as f64;
+        let mut line = format!("{dtype:?}:");
+        for isa in [Isa::Amx, Isa::Avx512] {
+            let best = (0..5)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    cpu::attention_with(p, &inp, out.elems_mut(), &Serial, isa).unwrap();
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min);
+            line += &format!(" {isa:?} {:.1} GFLOP/s", flops / best / 1e9);
+        }
+        println!("{line}");
+    }
 }
