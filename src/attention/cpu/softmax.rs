@@ -290,12 +290,12 @@ unsafe fn col_max<const V: usize>(
         j += 2;
     }
     if j < keys {
-        for v in 0..V {
-            even[v] = _mm512_max_ps(even[v], _mm512_loadu_ps(st.add(j * ld + c0 + LANES * v)));
+        for (v, x) in even.iter_mut().enumerate() {
+            *x = _mm512_max_ps(*x, _mm512_loadu_ps(st.add(j * ld + c0 + LANES * v)));
         }
     }
-    for v in 0..V {
-        _mm512_storeu_ps(out.add(c0 + LANES * v), _mm512_max_ps(even[v], odd[v]));
+    for (v, (e, o)) in even.iter().zip(&odd).enumerate() {
+        _mm512_storeu_ps(out.add(c0 + LANES * v), _mm512_max_ps(*e, *o));
     }
 }
 

@@ -292,8 +292,8 @@ mod avx512 {
                     }
                     transpose16(th);
                 }
-                for e in 0..16 {
-                    let (s0, s1) = (split::<true>(t[0][e]), split::<true>(t[1][e]));
+                for (e, (&x0, &x1)) in t[0].iter().zip(&t[1]).enumerate() {
+                    let (s0, s1) = (split::<true>(x0), split::<true>(x1));
                     for part in 0..parts {
                         _mm512_storeu_si512(
                             dst.row(part, e0 + e, c).cast(),
