@@ -12,6 +12,12 @@
 //! `P·V`, again with the GEMM reading V in place. Each GEMM prefetches the other operand's next
 //! block into L2. One normalization at the end; no buffer larger than a tile. fp16/bf16 blocks
 //! are widened to f32 tiles first.
+//!
+//! Where the CPU has AMX (and Linux grants the tile state), both products run on the tile unit
+//! instead ([`tile_amx`]): every fp32 operand is split into three bf16 parts whose six
+//! significant cross products, exact in the fp32 accumulator, give fp32 accuracy ([`split`],
+//! [`amx`]); bf16 inputs need one part and fp16 two. `FLASH_ORT_CPU_NO_AMX=1` in the
+//! environment keeps the AVX-512 path.
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
