@@ -767,7 +767,10 @@ fn short_buffers_and_type_mismatches_are_errors_not_panics() {
 fn speed_by_dtype() {
     // One task (256 queries against S keys) timed many times: the minimum is the machine's
     // quiet moments, which other jobs on the host rarely leave for a whole long run.
-    let s: usize = std::env::var("SPEED_S").ok().and_then(|v| v.parse().ok()).unwrap_or(4096);
+    let s: usize = std::env::var("SPEED_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4096);
     let reps = 20 + (400 * 4096 / s).min(2000);
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         let c = Case {

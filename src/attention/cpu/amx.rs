@@ -152,10 +152,10 @@ unsafe fn dot(mi: usize, ni: usize) {
 }
 
 /// The part products `(A part, B part)` a GEMM sums: every pair whose parts' orders add up to
-/// at most 2 (hi·hi, hi·mid, mid·hi, hi·lo, lo·hi, mid·mid for 3 × 3 parts: the dropped ones
-/// are below 2⁻²⁴ relative), smallest first so they accumulate before the large ones, in an
-/// order where consecutive products share one operand (8 tile loads per 2 × 2 block and
-/// 32-wide k step, instead of 12).
+/// at most 2 (hi·hi, hi·mid, mid·hi, hi·lo, lo·hi, mid·mid for 3 × 3 parts; the dropped ones
+/// are below 2⁻²² relative), small ones first so they accumulate before the large ones, in an
+/// order where consecutive products share one operand (14 tile loads per 2 × 2 block and
+/// 32-wide k step instead of 24).
 pub fn products(a_parts: usize, b_parts: usize) -> Vec<(usize, usize)> {
     [(2, 0), (1, 0), (1, 1), (0, 1), (0, 2), (0, 0)]
         .into_iter()

@@ -3,8 +3,8 @@
 //!
 //! `Sᵀ = K·Qᵀ` (keys × queries, the layout the softmax works on): Qᵀ is packed once per task,
 //! each K block once (reused by every query of the task). `Oᵀ = Vᵀ·Pᵀ` (head dim × queries):
-//! each V block is packed transposed (16 × 16 register transposes), Pᵀ is split straight from the score tile. The
-//! output accumulator stays transposed until the end of the task.
+//! each V block is packed transposed (16 × 16 register transposes), Pᵀ is split straight from
+//! the exponentials. The output accumulator stays transposed until the end of the task.
 
 use super::amx::{self, Tiles};
 use super::convert::load_row;
