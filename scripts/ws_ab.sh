@@ -2,6 +2,8 @@
 # GPU machine: correctness first (a short test; a hang or a failure stops here), then the full
 # kernel tests and the kernel benchmark for each Hopper variant named in $VARIANTS
 # ("ws0 ws1 ... old": FLASH_ORT_WS_CFG=N, or old = FLASH_ORT_SM90_WS=0), results under $OUT.
+# The tile variants (FLASH_ORT_WS_CFG 1-5, flash_fwd_launch.cuh) exist only in a build with
+# FLASH_ORT_NVCC_FLAGS=-DFLASH_ORT_TILE_EXPERIMENT; ws0 is the shipped dispatch.
 #   bash scripts/ws_ab.sh [DIR]    DIR holds the staged cuda_attention and cuda_bench
 set -uo pipefail
 dir=${1:-.device-cuda}
