@@ -54,10 +54,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-FORMS = ("unfused", "ort_opt", "flash", "ort_opt_flash")
+FORMS = ("unfused", "ort_opt", "flash", "ort_opt_flash", "ort_opt_flash_nopack")
 FORM_LABEL = {"unfused": "unfused export", "ort_opt": "ORT transformer optimizer", "flash": "flash-ort fuse",
-              "ort_opt_flash": "ORT optimizer without attention fusion, then flash-ort fuse"}
-OURS = ("flash", "ort_opt_flash")  # forms with com.flash nodes: their sessions load the library
+              "ort_opt_flash": "ORT optimizer without attention fusion, then flash-ort fuse",
+              "ort_opt_flash_nopack": "the same with flash-ort fuse --no-pack-qkv (Q/K/V packing A/B)"}
+OURS = ("flash", "ort_opt_flash", "ort_opt_flash_nopack")  # forms with com.flash nodes: their sessions load the library
 THEIRS = ("unfused", "ort_opt")    # what the issue compares ours against
 ORT_ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
                      "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention", "SparseAttention"}
@@ -87,9 +88,9 @@ def count_ops(model, domain, ops) -> int:
     return sum(1 for n in model.graph.node if n.domain == domain and n.op_type in ops)
 
 
-def flash_fuse(binary: str, src: Path, dst: Path) -> dict:
+def flash_fuse(binary: str, src: Path, dst: Path, extra: tuple = ()) -> dict:
     t0 = time.time()
-    p = subprocess.run([binary, "fuse", str(src), "-o", str(dst), "--report", str(dst) + ".report.json"],
+    p = subprocess.run([binary, "fuse", str(src), "-o", str(dst), "--report", str(dst) + ".report.json", *extra],
                        capture_output=True, text=True, timeout=900)
     rec = {"seconds": round(time.time() - t0, 1), "summary": p.stdout.strip().splitlines()[-2:-1]}
     if p.returncode != 0:
@@ -290,6 +291,13 @@ def cmd_prepare(a) -> int:
             forms["ort_opt_flash"] = ort_opt_flash(a.flash_ort, src, folder / f"{name}.ortopt_noattn.onnx",
                                                    folder / f"{name}.ortopt_flash.onnx", rec)
             log(f"{name}: ort_opt_flash {forms['ort_opt_flash']}")
+        mid = folder / f"{name}.ortopt_noattn.onnx"
+        if a.nopack and mid.exists() and forms.get("ort_opt_flash", {}).get("file") and \
+                ("ort_opt_flash_nopack" not in forms or a.force):
+            made = True
+            forms["ort_opt_flash_nopack"] = flash_fuse(a.flash_ort, mid, folder / f"{name}.ortopt_flash_nopack.onnx",
+                                                       ("--no-pack-qkv",))
+            log(f"{name}: ort_opt_flash_nopack {forms['ort_opt_flash_nopack']}")
         forms_path.write_text(json.dumps(doc, indent=1))
         if a.parity and (made or "forms" not in (entry.get("parity") or {})):
             log(f"{name}: parity of every form against the unfused export ({a.provider}) ...")
@@ -859,6 +867,9 @@ def main() -> int:
     p.add_argument("--ort-opt", action="store_true", help="also run ORT's transformer optimizer")
     p.add_argument("--ort-opt-flash", action="store_true",
                    help="also ORT's optimizer with attention fusion off, then flash-ort fuse (form ort_opt_flash)")
+    p.add_argument("--nopack", action="store_true",
+                   help="with --ort-opt-flash: also the ort_opt_flash_nopack form (fuse --no-pack-qkv), the "
+                        "Q/K/V packing A/B in one run")
     p.add_argument("--parity", action="store_true", help="run every form against the unfused export in ORT")
     p.add_argument("--library", default=lib_default, help="libflash_ort.so, for --parity")
     p.add_argument("--models", help="comma-separated model names (file stems) or architectures")

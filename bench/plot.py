@@ -42,6 +42,7 @@ FORM_STYLE = {
     "ort_opt": ("ORT transformer optimizer", "tab:blue"),
     "flash": ("flash-ort fuse", "tab:red"),
     "ort_opt_flash": ("ORT optimizer (no attention) + flash-ort", "tab:orange"),
+    "ort_opt_flash_nopack": ("ORT optimizer (no attention) + flash-ort, Q/K/V not packed", "tab:brown"),
 }
 BATCH_LINE = {1: "-", 8: "--"}
 

@@ -191,7 +191,7 @@ have_bert=0; have_llama=0; have_gpt2=0
 prepare=($PY bench/model_bench.py prepare --flash-ort "$bin" --library "$lib" --provider "$provider")
 if wait_export bert_base 300; then
   say "4. bert_base forms: flash-ort; ORT transformer optimizer; ORT optimizer without attention fusion + flash-ort; parity"
-  within 240 "${prepare[@]}" --manifest "$work/bert_base/manifest_large.json" --ort-opt --ort-opt-flash --parity && have_bert=1
+  within 240 "${prepare[@]}" --manifest "$work/bert_base/manifest_large.json" --ort-opt --ort-opt-flash --nopack --parity && have_bert=1
 fi
 if wait_export llama_gqa_2k 300; then
   say "4. llama_gqa_2k forms: flash-ort; parity"
