@@ -116,7 +116,8 @@ def test_ort_opt_flash_form(tmp_path):
         shutil.copy(ROOT / "models" / r["file"], tmp_path / r["file"])
     (tmp_path / "manifest_large.json").write_text(json.dumps({"models": recs}))
     p = subprocess.run([PY, "bench/model_bench.py", "prepare", "--manifest", str(tmp_path / "manifest_large.json"),
-                        "--flash-ort", BIN, "--library", LIB, "--ort-opt-flash", "--parity", "--provider", "cpu"],
+                        "--flash-ort", BIN, "--library", LIB, "--ort-opt-flash", "--nopack", "--parity",
+                        "--provider", "cpu"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     forms = json.loads((tmp_path / "forms.json").read_text())["models"]
@@ -129,6 +130,17 @@ def test_ort_opt_flash_form(tmp_path):
         assert e["parity"]["forms"]["flash"]["ok"], e["parity"]
     bert = forms["bert_eager_ts17"]["forms"]["ort_opt_flash"]
     assert bert["optimizer"]["fused_ops"].get("SkipLayerNormalization") and bert["optimizer"]["fused_ops"].get("BiasGelu")
+    # The packing A/B form: the same optimized graph fused with --no-pack-qkv keeps three Q/K/V
+    # MatMuls per site (two more than the packed form) and no Split, with the same outputs.
+    nopack = forms["bert_eager_ts17"]["forms"]["ort_opt_flash_nopack"]
+    assert nopack["fused_sites"] == forms["bert_eager_ts17"]["attention_sites"], nopack
+    assert forms["bert_eager_ts17"]["parity"]["forms"]["ort_opt_flash_nopack"]["ok"]
+    import onnx
+    ops = lambda f: [n.op_type for n in onnx.load(str(tmp_path / f), load_external_data=False).graph.node]
+    packed, unpacked = ops(bert["file"]), ops(nopack["file"])
+    sites = forms["bert_eager_ts17"]["attention_sites"]
+    assert unpacked.count("MatMul") == packed.count("MatMul") + 2 * sites, (packed, unpacked)
+    assert packed.count("Split") - unpacked.count("Split") == sites
     out = tmp_path / "results.json"
     p = subprocess.run([PY, "bench/model_bench.py", "run", "--forms", str(tmp_path / "forms.json"), "--out", str(out),
                         "--provider", "cpu", "--library", LIB, "--seqs", "8", "--batches", "1", "--target-s", "0.02",
