@@ -201,6 +201,21 @@ struct Built {
     nonpad: Option<Vec<i64>>,
 }
 
+impl Built {
+    /// Q, K and V as the kernel reads them, with no mask and no nonpad_kv_seqlen.
+    fn plain_inputs(&self) -> CpuInputs<'_> {
+        CpuInputs {
+            q: self.q.elems(),
+            k: self.k.elems(),
+            k_strides: self.p.k_strides,
+            v: self.v.elems(),
+            v_strides: self.p.v_strides,
+            mask: None,
+            nonpad_kv_seqlen: None,
+        }
+    }
+}
+
 fn build(c: &Case) -> Built {
     let mut rng = rand::rngs::StdRng::seed_from_u64(c.seed);
     let hq = c.kv_heads * c.group;
@@ -723,15 +738,7 @@ fn causal_rows_before_the_first_key_are_zero() {
 fn short_buffers_and_type_mismatches_are_errors_not_panics() {
     let bt = build(&base());
     let p = &bt.p;
-    let inp = CpuInputs {
-        q: bt.q.elems(),
-        k: bt.k.elems(),
-        k_strides: p.k_strides,
-        v: bt.v.elems(),
-        v_strides: p.v_strides,
-        mask: None,
-        nonpad_kv_seqlen: None,
-    };
+    let inp = bt.plain_inputs();
     let n_out = p.batch * p.q_heads * p.q_len * p.v_head_dim;
     let mut short = vec![0.0f32; n_out - 1];
     let err = cpu::attention(p, &inp, ElemsMut::F32(&mut short), &Serial).unwrap_err();
@@ -783,15 +790,7 @@ fn speed_by_dtype() {
         };
         let bt = build(&c);
         let p = &bt.p;
-        let inp = CpuInputs {
-            q: bt.q.elems(),
-            k: bt.k.elems(),
-            k_strides: p.k_strides,
-            v: bt.v.elems(),
-            v_strides: p.v_strides,
-            mask: None,
-            nonpad_kv_seqlen: None,
-        };
+        let inp = bt.plain_inputs();
         let n_out = p.batch * p.q_heads * p.q_len * p.v_head_dim;
         let mut out = Buf::zeros(dtype, n_out);
         let flops = 4.0 * (p.q_heads * p.q_len * p.kv_len * p.head_dim) as f64;

@@ -106,6 +106,13 @@ impl APack {
     pub fn words(&self) -> usize {
         self.parts * self.mt * self.kc * TILE_WORDS
     }
+    /// `rows` rows of `kc` chunks fit this pack (both A packers check this before writing).
+    fn check_fits(&self, rows: usize, kc: usize) -> Result<()> {
+        if rows > 16 * self.mt || kc > self.kc || self.words() > self.buf.len() {
+            return Err(internal("A block larger than its pack"));
+        }
+        Ok(())
+    }
     fn row(&mut self, part: usize, row: usize, chunk: usize) -> *mut u16 {
         let t = (part * self.mt + row / 16) * self.kc + chunk;
         // SAFETY (of the callers' writes): checked by the packers against `mt`, `kc`, `parts`.
@@ -221,9 +228,7 @@ mod avx512 {
         if rows == 0 || cols == 0 {
             return Ok(());
         }
-        if rows > 16 * dst.mt || kc > dst.kc || dst.words() > dst.buf.len() {
-            return Err(internal("A block larger than its pack"));
-        }
+        dst.check_fits(rows, kc)?;
         if off + (rows - 1) * rs + cols > src.len() {
             return Err(internal("A source out of bounds"));
         }
@@ -269,9 +274,7 @@ mod avx512 {
         if rows == 0 || cols == 0 {
             return Ok(());
         }
-        if rows > 16 * dst.mt || kc > dst.kc || dst.words() > dst.buf.len() {
-            return Err(internal("A block larger than its pack"));
-        }
+        dst.check_fits(rows, kc)?;
         if off + (cols - 1) * rs + rows > src.len() {
             return Err(internal("A source out of bounds"));
         }
