@@ -19,8 +19,9 @@ use crate::{Error, Result};
 /// Runs task `t` on AMX.
 ///
 /// # Safety
-/// [`amx::supported`] must be true (it implies AVX-512F/BW; the plan also checked DQ).
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma,f16c")]
+/// [`amx::supported`] must be true (it implies AVX-512F/BW and AVX512-BF16; the plan also
+/// checked DQ).
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16,avx2,fma,f16c")]
 pub unsafe fn run(
     plan: &Plan,
     p: &AttentionProblem,
