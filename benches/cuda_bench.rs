@@ -64,7 +64,17 @@ fn main() {
     let tokens = 16384usize;
     let hidden = 2048usize;
     let filter = std::env::var("FLASH_ORT_BENCH").unwrap_or_default();
+    // FLASH_ORT_BENCH_DTYPE=float16|bfloat16 measures one element type only.
+    let only = std::env::var("FLASH_ORT_BENCH_DTYPE").unwrap_or_default();
     for dtype in [DType::F16, DType::BF16] {
+        let name = if dtype == DType::F16 {
+            "float16"
+        } else {
+            "bfloat16"
+        };
+        if !only.is_empty() && only != name {
+            continue;
+        }
         let n = tokens * hidden;
         let (q, k, v) = (
             random_device(&g, dtype, n, &mut rng),

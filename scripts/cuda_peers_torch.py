@@ -2,7 +2,7 @@
 # measures, for side-by-side ratios in one run. Derived from shared/bench/peers_torch_sdpa.py and
 # peers_torch_decode.py (same shapes and timing method), restricted to S in {1k, 4k, 16k} and the
 # two backends that set the bar. One JSON object per line.
-import json, sys
+import json, os, sys
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel, SDPBackend
@@ -23,10 +23,11 @@ def bench(fn, iters=20, warm=3):
 
 
 BACKENDS = [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]
+ONLY = os.environ.get("PEERS", "")  # "grid" or "decode": one part only
 print(json.dumps({"kind": "device", "name": torch.cuda.get_device_name(0), "torch": torch.__version__}))
 for dtype in [torch.float16, torch.bfloat16]:
     for d in [64, 128]:
-        for causal in [False, True]:
+        for causal in [False, True] if ONLY != "decode" else []:
             for n in [1024, 4096, 16384]:
                 b = 16384 // n; h = 2048 // d
                 q = torch.randn(b, h, n, d, device="cuda", dtype=dtype)
@@ -42,7 +43,7 @@ for dtype in [torch.float16, torch.bfloat16]:
                         row[name] = "ERR " + str(ex)[:60]
                 print(json.dumps(row)); sys.stdout.flush()
     H, Hk, D = 32, 8, 128
-    for B in [1, 8]:
+    for B in [1, 8] if ONLY != "grid" else []:
         for T in [8192, 65536]:
             q = torch.randn(B, H, 1, D, device="cuda", dtype=dtype)
             k = torch.randn(B, Hk, T, D, device="cuda", dtype=dtype); v = torch.randn_like(k)

@@ -206,6 +206,21 @@ fn cuda_decode_shapes() {
             check(&g, &c, &mut rng);
         }
     }
+    // Stream-K decode on Hopper: pairs whose KV blocks spread over many CTAs and CTAs that
+    // cross pairs (with padding lengths cutting pieces short or empty), MQA and D = 64.
+    for (b, hq, hkv, skv, d) in [
+        (3, 4, 1, 40000, 64),
+        (8, 4, 2, 2500, 128),
+        (5, 8, 8, 3000, 64),
+    ] {
+        let mut c = Case::plain(DType::BF16, b, hq, hkv, 1, skv, d);
+        c.sample_rows = Some(64);
+        c.nonpad = true;
+        check(&g, &c, &mut rng);
+        let mut c = Case::plain(DType::F16, b, hq, hkv, 1, skv, d);
+        c.mask = MaskSpec::Bool(vec![b as i64, 1, 1, skv as i64]);
+        check(&g, &c, &mut rng);
+    }
     // Decode with a KV cache (past) and a padding mask.
     let mut c = Case::plain(DType::F16, 2, 16, 4, 1, 1, 128);
     c.past = 3000;
