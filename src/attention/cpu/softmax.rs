@@ -252,12 +252,6 @@ impl RowState {
         }
         Some(moved != 0)
     }
-
-    /// What the last update subtracted from each column's scores, and the running sums (to
-    /// which the caller adds the block's sums after [`RowState::prepare_avx512`]).
-    pub fn m_ref_and_l(&mut self) -> (&[f32], &mut [f32]) {
-        (&self.m_ref, &mut self.l)
-    }
 }
 
 /// `out[c0 + c] = max_j st[j][c0 + c]` for `c < 16·V`: even and odd rows in separate chains,

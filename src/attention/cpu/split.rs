@@ -152,7 +152,7 @@ fn internal(what: &str) -> Error {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub use avx512::{exp_pack_p, pack_a_cols, pack_a_rows, pack_b_pairs};
+pub use avx512::{pack_a_cols, pack_a_rows, pack_b_pairs, softmax_pack_p};
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
@@ -343,25 +343,32 @@ mod avx512 {
         }
     }
 
-    /// The softmax numerators of one block packed as B, straight from the scores: for key rows
-    /// `0..keys` of `st` (row stride `ld`) and every column tile,
-    /// `P = 2^(s − m_ref[col])` (an exact 0 for −∞ scores with `CLAMP`), split into three parts
-    /// and packed as [`pack_b_pairs`] would pack it (rows `keys..32·kc` zero); adds each
-    /// column's sum of P to `l`. The scores are left as they were.
+    /// The softmax of one key block, one column tile (16 queries) at a time, ending in the
+    /// numerators packed as B: for key rows `0..keys` of `st` (row stride `ld`), each tile's
+    /// block maximum updates the running max `m`; the factor `α = 2^(m_old − m_new)` scales
+    /// the running sum `l` and, unless it is 1 for all 16 columns, the tile's columns of the
+    /// transposed output accumulator `ot` (`ot_rows` rows of stride `ld`); then
+    /// `P = 2^(s − m_new)` (an exact 0 for −∞ scores with `CLAMP`; where no key was visible yet
+    /// `m_new` is −∞ and 0 is subtracted instead) is split into three parts and packed as
+    /// [`pack_b_pairs`] would pack it (rows `keys..32·kc` zero), and its column sums are added
+    /// to `l`. Done per tile, the scores are read while they are still in L1, and columns
+    /// whose max did not move skip the rescale. The scores are left as they were.
     ///
     /// # Safety
     /// AVX-512F/BW/DQ and AVX512-BF16. Extents are checked.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16,avx2,fma")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn exp_pack_p<const CLAMP: bool>(
+    pub unsafe fn softmax_pack_p<const CLAMP: bool>(
         dst: &mut BPack,
         st: &[f32],
         ld: usize,
         keys: usize,
         kc: usize,
-        m_ref: &[f32],
+        m: &mut [f32],
         l: &mut [f32],
+        ot: &mut [f32],
+        ot_rows: usize,
     ) -> Result<()> {
         use super::super::softmax::exp2_avx512;
         let (nt, parts) = (dst.nt, dst.parts);
@@ -373,19 +380,47 @@ mod avx512 {
             || parts != 3
             || dst.words() > dst.buf.len()
             || ld < 16 * nt
-            || m_ref.len() < 16 * nt
+            || m.len() < 16 * nt
             || l.len() < 16 * nt
             || (keys - 1) * ld + 16 * nt > st.len()
+            || (ot_rows > 0 && (ot_rows - 1) * ld + 16 * nt > ot.len())
         {
             return Err(internal("P block larger than its pack"));
         }
         let base = dst.buf.as_mut_ptr();
+        let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
         for t in 0..nt {
-            let mr = _mm512_loadu_ps(m_ref.as_ptr().add(16 * t));
+            let col = st.as_ptr().add(16 * t);
+            let row = |k: usize| _mm512_loadu_ps(col.add(k * ld));
+            // The block's column maxima: even and odd rows in separate chains.
+            let (mut even, mut odd) = (neg_inf, neg_inf);
+            let mut k = 0;
+            while k + 1 < keys {
+                even = _mm512_max_ps(even, row(k));
+                odd = _mm512_max_ps(odd, row(k + 1));
+                k += 2;
+            }
+            if k < keys {
+                even = _mm512_max_ps(even, row(k));
+            }
+            let mp = m.as_mut_ptr().add(16 * t);
+            let m_old = _mm512_loadu_ps(mp);
+            let m_new = _mm512_max_ps(m_old, _mm512_max_ps(even, odd));
+            let unset = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(m_new, neg_inf);
+            let mr = _mm512_mask_mov_ps(m_new, unset, _mm512_setzero_ps());
+            // m_old may be −∞ (first block): clamped to an exact 0.
+            let alpha = exp2_avx512::<true>(_mm512_sub_ps(m_old, mr));
+            _mm512_storeu_ps(mp, m_new);
+            // Unordered: a NaN factor is applied too.
+            if _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(alpha, _mm512_set1_ps(1.0)) != 0 {
+                for e in 0..ot_rows {
+                    let p = ot.as_mut_ptr().add(e * ld + 16 * t);
+                    _mm512_storeu_ps(p, _mm512_mul_ps(_mm512_loadu_ps(p), alpha));
+                }
+            }
             let p = |k: usize| {
                 if k < keys {
-                    let s = _mm512_loadu_ps(st.as_ptr().add(k * ld + 16 * t));
-                    exp2_avx512::<CLAMP>(_mm512_sub_ps(s, mr))
+                    exp2_avx512::<CLAMP>(_mm512_sub_ps(row(k), mr))
                 } else {
                     _mm512_setzero_ps()
                 }
@@ -403,7 +438,7 @@ mod avx512 {
                 }
             }
             let lp = l.as_mut_ptr().add(16 * t);
-            _mm512_storeu_ps(lp, _mm512_add_ps(_mm512_loadu_ps(lp), sum));
+            _mm512_storeu_ps(lp, _mm512_fmadd_ps(_mm512_loadu_ps(lp), alpha, sum));
         }
         Ok(())
     }

@@ -14,7 +14,7 @@ use super::split::{self, APack, BPack};
 use super::tile::{finish_scores, write_out, Aligned, PreBlock, Rows};
 use super::{OutPtr, Plan};
 use crate::attention::{AttentionProblem, CpuInputs, Elems};
-use crate::{Error, Result};
+use crate::Result;
 
 /// Runs task `t` on AMX.
 ///
@@ -121,18 +121,13 @@ pub unsafe fn run(
         let (mtk, kcv) = (nk.div_ceil(16), nk.div_ceil(32));
         amx::gemm(kpack, mtk, &qpack, dk, &mut st, ld, true)?;
         finish_scores(p, inp, &rows, &mut st, ld, j0, nk, boundary, &mut row);
-        let moved = state
-            .prepare_avx512(&st, ld, cols, nk, None)
-            .ok_or_else(|| internal("score tile shapes"))?;
-        if moved {
-            rescale(&mut ot, ld, &state.alpha[..cols]);
-        }
-        // P straight from the scores into its packed parts (no f32 P tile).
-        let (m_ref, l) = state.m_ref_and_l();
+        // Running max and sum, output rescale, and P straight from the scores into its
+        // packed parts (no f32 P tile), 16 queries at a time.
+        let (m, l) = (&mut state.m, &mut state.l);
         if finite {
-            split::exp_pack_p::<false>(&mut ppack, &st, ld, nk, kcv, m_ref, l)?;
+            split::softmax_pack_p::<false>(&mut ppack, &st, ld, nk, kcv, m, l, &mut ot, dv)?;
         } else {
-            split::exp_pack_p::<true>(&mut ppack, &st, ld, nk, kcv, m_ref, l)?;
+            split::softmax_pack_p::<true>(&mut ppack, &st, ld, nk, kcv, m, l, &mut ot, dv)?;
         }
         amx::gemm(vpack, dvt, &ppack, kcv, &mut ot, ld, false)?;
         j0 += nk;
@@ -144,26 +139,4 @@ pub unsafe fn run(
         }
     }
     write_out(p, &rows, &o, &state.l, out)
-}
-
-/// `Oᵀ[e][c] *= alpha[c]`, skipping groups of 16 columns whose factors are all 1 (most of them
-/// once the running maxima settle; a NaN factor is applied).
-#[inline(always)]
-fn rescale(ot: &mut [f32], ld: usize, alpha: &[f32]) {
-    for (c0, a) in alpha.chunks(16).enumerate().map(|(i, a)| (16 * i, a)) {
-        if a.iter().all(|&x| x == 1.0) {
-            continue;
-        }
-        for orow in ot.chunks_mut(ld) {
-            for (x, &f) in orow[c0..c0 + a.len()].iter_mut().zip(a) {
-                *x *= f;
-            }
-        }
-    }
-}
-
-fn internal(what: &str) -> Error {
-    Error::Other(format!(
-        "internal error in the CPU attention kernel (AMX task): {what}"
-    ))
 }
