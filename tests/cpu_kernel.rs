@@ -715,6 +715,39 @@ fn large_query_tiles() {
     }
 }
 
+/// Long K/V: the AMX path splits K and V once per (batch, KV head) before the query tiles,
+/// a few units at a time so that the packs stay under their memory budget (here 12.6 MB per
+/// unit, two units per group), with a partial last key block; plus padding (tasks that stop inside
+/// the pre-split blocks) and causal (tasks that use only some of them).
+#[test]
+fn presplit_kv_in_groups() {
+    let long = Case {
+        q_len: 130,
+        new_kv: 16_384 + 37,
+        kv_heads: 3,
+        group: 1,
+        ..base()
+    };
+    let cases = vec![
+        long.clone(),
+        Case {
+            batch: 2,
+            kv_heads: 2,
+            nonpad: true,
+            ..long.clone()
+        },
+        Case {
+            q_len: 300,
+            new_kv: 1000,
+            causal: true,
+            ..long
+        },
+    ];
+    for c in cases {
+        check(&c, Isa::Amx, 2).unwrap();
+    }
+}
+
 #[test]
 fn causal_rows_before_the_first_key_are_zero() {
     let c = Case {

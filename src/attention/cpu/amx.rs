@@ -24,8 +24,8 @@ pub fn supported() -> bool {
 }
 
 fn cpu_has_amx() -> bool {
-    // CPUID.(EAX=7, ECX=0):EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE; the GEMM's packing also
-    // needs AVX-512BW (every AMX CPU has it).
+    // CPUID.(EAX=7, ECX=0):EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE; the packing also needs
+    // AVX-512BW and AVX512-BF16 (every AMX CPU has both).
     if std::arch::x86_64::__cpuid(0).eax < 7 {
         return false;
     }
@@ -33,6 +33,7 @@ fn cpu_has_amx() -> bool {
     leaf7.edx & (1 << 22) != 0
         && leaf7.edx & (1 << 24) != 0
         && std::is_x86_feature_detected!("avx512bw")
+        && std::is_x86_feature_detected!("avx512bf16")
 }
 
 #[cfg(target_os = "linux")]

@@ -16,13 +16,16 @@
 //! Where the CPU has AMX (and Linux grants the tile state), both products run on the tile unit
 //! instead ([`tile_amx`]): every fp32 operand is split into three bf16 parts whose six
 //! significant cross products, exact in the fp32 accumulator, give fp32 accuracy ([`split`],
-//! [`amx`]); bf16 inputs need one part and fp16 two. `FLASH_ORT_CPU_NO_AMX=1` in the
-//! environment keeps the AVX-512 path.
+//! [`amx`]); bf16 inputs need one part and fp16 two. fp32 K and V are split once per (batch, KV
+//! head) before the tasks, which then share the packs ([`presplit`]).
+//! `FLASH_ORT_CPU_NO_AMX=1` in the environment keeps the AVX-512 path.
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
 mod convert;
 mod gemm;
+#[cfg(target_arch = "x86_64")]
+mod presplit;
 mod softmax;
 #[cfg(target_arch = "x86_64")]
 mod split;
@@ -195,20 +198,54 @@ pub fn attention_with(
     }
     let out = OutPtr::new(out);
     let failure: Mutex<Option<Error>> = Mutex::new(None);
-    par.for_each(plan.tasks, &|t| {
-        // A panic here would be a kernel bug; it must not unwind into ORT's thread pool.
-        let err = match catch_unwind(AssertUnwindSafe(|| tile::run(&plan, p, inp, &out, t))) {
+    // Runs `f` as task `what` of a parallel pass; a panic here would be a kernel bug, and it
+    // must not unwind into ORT's thread pool.
+    let guarded = |what: &str, i: usize, f: &dyn Fn() -> Result<()>| {
+        let err = match catch_unwind(AssertUnwindSafe(f)) {
             Ok(Ok(())) => return,
             Ok(Err(e)) => e,
             Err(_) => Error::Other(format!(
-                "internal error in the CPU attention kernel: task {t} of {} panicked",
-                plan.tasks
+                "internal error in the CPU attention kernel: {what} {i} panicked"
             )),
         };
         if let Ok(mut slot) = failure.lock() {
             slot.get_or_insert(err);
         }
-    });
+    };
+    #[cfg(target_arch = "x86_64")]
+    let presplit = presplit::group_units(p, inp, &plan);
+    #[cfg(not(target_arch = "x86_64"))]
+    let presplit: Option<usize> = None;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(per_group) = presplit {
+        // K and V split once per unit, a group of units at a time, then that group's tasks.
+        let units = p.batch * p.kv_heads;
+        let mut u0 = 0;
+        while u0 < units {
+            let u1 = (u0 + per_group).min(units);
+            let kv = presplit::KvSplit::new(p, &plan, u0..u1);
+            par.for_each(kv.jobs(), &|j| {
+                // SAFETY: `group_units` asks for the pre-split only on the AMX path, which
+                // `amx::supported()` (AVX-512F/BW/DQ and AMX) allowed.
+                guarded("K/V pack", j, &|| unsafe { kv.fill(p, inp, &plan, j) })
+            });
+            if failure.lock().map_or(true, |f| f.is_some()) {
+                break;
+            }
+            let rb = plan.row_blocks;
+            par.for_each((u1 - u0) * rb, &|i| {
+                let t = u0 * rb + i;
+                let pre = kv.unit(t / rb);
+                guarded("task", t, &|| tile::run(&plan, p, inp, &out, t, pre))
+            });
+            u0 = u1;
+        }
+    }
+    if presplit.is_none() {
+        par.for_each(plan.tasks, &|t| {
+            guarded("task", t, &|| tile::run(&plan, p, inp, &out, t, None))
+        });
+    }
     match failure.into_inner() {
         Ok(None) => Ok(()),
         Ok(Some(e)) => Err(e),

@@ -9,17 +9,20 @@ use crate::attention::{AttentionProblem, CpuInputs, Elems};
 use crate::Result;
 
 /// Runs task `t` with the instruction set the plan chose.
+/// `pre`: the task's unit's K/V blocks already split, when the AMX path made them
+/// ([`super::presplit`]).
 pub fn run(
     plan: &Plan,
     p: &AttentionProblem,
     inp: &CpuInputs,
     out: &OutPtr,
     t: usize,
+    pre: Option<&[PreBlock]>,
 ) -> Result<()> {
     match plan.isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the plan asks for AMX only when `amx::supported()` said yes.
-        Isa::Avx512 if plan.amx => unsafe { super::tile_amx::run(plan, p, inp, out, t) },
+        Isa::Avx512 if plan.amx => unsafe { super::tile_amx::run(plan, p, inp, out, t, pre) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Plan::isa` only names instruction sets the CPU reported.
         Isa::Avx512 => unsafe { run_avx512(plan, p, inp, out, t) },
@@ -29,6 +32,13 @@ pub fn run(
         _ => run_impl(plan, p, inp, out, t),
     }
 }
+
+/// One pre-split K/V block (see [`super::presplit`]).
+#[cfg(target_arch = "x86_64")]
+pub type PreBlock = std::sync::OnceLock<super::presplit::BlockPacks>;
+/// No pre-split blocks without AMX.
+#[cfg(not(target_arch = "x86_64"))]
+pub type PreBlock = std::sync::OnceLock<()>;
 
 // The same body compiled per instruction set, so the element-wise loops (exp, max, sums,
 // conversions) are vectorized for the widest registers available.

@@ -2,7 +2,8 @@
 //! both products on the tile unit, every operand split into bf16 parts ([`super::split`]).
 //!
 //! `Sᵀ = K·Qᵀ` (keys × queries, the layout the softmax works on): Qᵀ is packed once per task,
-//! each K block once (reused by every query of the task). `Oᵀ = Vᵀ·Pᵀ` (head dim × queries):
+//! each K block once (reused by every query of the task), or taken from the packs that
+//! [`super::presplit`] made once for all tasks. `Oᵀ = Vᵀ·Pᵀ` (head dim × queries):
 //! each V block is packed transposed (16 × 16 register transposes), Pᵀ is split straight from
 //! the exponentials. The output accumulator stays transposed until the end of the task.
 
@@ -10,7 +11,7 @@ use super::amx::{self, Tiles};
 use super::convert::load_row;
 use super::softmax::{RowState, LANES};
 use super::split::{self, APack, BPack};
-use super::tile::{finish_scores, write_out, Aligned, Rows};
+use super::tile::{finish_scores, write_out, Aligned, PreBlock, Rows};
 use super::{OutPtr, Plan};
 use crate::attention::{AttentionProblem, CpuInputs, Elems};
 use crate::{Error, Result};
@@ -18,14 +19,16 @@ use crate::{Error, Result};
 /// Runs task `t` on AMX.
 ///
 /// # Safety
-/// [`amx::supported`] must be true (it implies AVX-512F/BW; the plan also checked DQ).
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma,f16c")]
+/// [`amx::supported`] must be true (it implies AVX-512F/BW and AVX512-BF16; the plan also
+/// checked DQ).
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16,avx2,fma,f16c")]
 pub unsafe fn run(
     plan: &Plan,
     p: &AttentionProblem,
     inp: &CpuInputs,
     out: &OutPtr,
     t: usize,
+    pre: Option<&[PreBlock]>,
 ) -> Result<()> {
     let rows = Rows::new(plan, p, inp, t);
     let n = rows.head_pos.len();
@@ -82,40 +85,47 @@ pub unsafe fn run(
     let mut j0 = j_start;
     while j0 < j_end {
         let nk = bc.min(j_end - j0);
-        let k_off = b * ks[0] + kvh * ks[1] + j0 * ks[2];
-        match k_direct {
-            Some(k) => split::pack_a_rows(&mut kpack, k, k_off, ks[2], nk, d)?,
+        // The block as the pre-split pass packed it, when it covers exactly these keys (its
+        // K rows and V columns past them would not be the zeros the products need).
+        let packed = pre
+            .filter(|_| j0 % bc == 0 && nk == bc.min(p.kv_len - j0))
+            .and_then(|blocks| blocks.get(j0 / bc)?.get());
+        let (kpack, vpack) = match packed {
+            Some((kp, vp)) => (kp, vp),
             None => {
-                for (j, dst) in kbuf.chunks_mut(d).take(nk).enumerate() {
-                    load_row(inp.k, k_off + j * ks[2], ks[3], dst);
+                let k_off = b * ks[0] + kvh * ks[1] + j0 * ks[2];
+                match k_direct {
+                    Some(k) => split::pack_a_rows(&mut kpack, k, k_off, ks[2], nk, d)?,
+                    None => {
+                        for (j, dst) in kbuf.chunks_mut(d).take(nk).enumerate() {
+                            load_row(inp.k, k_off + j * ks[2], ks[3], dst);
+                        }
+                        split::pack_a_rows(&mut kpack, &kbuf, 0, d, nk, d)?
+                    }
                 }
-                split::pack_a_rows(&mut kpack, &kbuf, 0, d, nk, d)?
-            }
-        }
-        let v_off = b * vs[0] + kvh * vs[1] + j0 * vs[2];
-        match v_direct {
-            Some(v) => split::pack_a_cols(&mut vpack, v, v_off, vs[2], dv, nk)?,
-            None => {
-                for (j, dst) in vbuf.chunks_mut(dv).take(nk).enumerate() {
-                    load_row(inp.v, v_off + j * vs[2], vs[3], dst);
+                let v_off = b * vs[0] + kvh * vs[1] + j0 * vs[2];
+                match v_direct {
+                    Some(v) => split::pack_a_cols(&mut vpack, v, v_off, vs[2], dv, nk)?,
+                    None => {
+                        for (j, dst) in vbuf.chunks_mut(dv).take(nk).enumerate() {
+                            load_row(inp.v, v_off + j * vs[2], vs[3], dst);
+                        }
+                        split::pack_a_cols(&mut vpack, &vbuf, 0, dv, dv, nk)?
+                    }
                 }
-                split::pack_a_cols(&mut vpack, &vbuf, 0, dv, dv, nk)?
+                (&kpack, &vpack)
             }
-        }
+        };
         let boundary = j0 < rows.lo[last] || j0 + nk > rows.hi_key[0];
         let finite = !boundary && p.mask.is_none();
         let (mtk, kcv) = (nk.div_ceil(16), nk.div_ceil(32));
-        amx::gemm(&kpack, mtk, &qpack, dk, &mut st, ld, true)?;
+        amx::gemm(kpack, mtk, &qpack, dk, &mut st, ld, true)?;
         finish_scores(p, inp, &rows, &mut st, ld, j0, nk, boundary, &mut row);
         let moved = state
             .prepare_avx512(&st, ld, cols, nk, None)
             .ok_or_else(|| internal("score tile shapes"))?;
         if moved {
-            for orow in ot.chunks_mut(ld) {
-                for (x, &a) in orow[..cols].iter_mut().zip(&state.alpha) {
-                    *x *= a;
-                }
-            }
+            rescale(&mut ot, ld, &state.alpha[..cols]);
         }
         // P straight from the scores into its packed parts (no f32 P tile).
         let (m_ref, l) = state.m_ref_and_l();
@@ -124,7 +134,7 @@ pub unsafe fn run(
         } else {
             split::exp_pack_p::<true>(&mut ppack, &st, ld, nk, kcv, m_ref, l)?;
         }
-        amx::gemm(&vpack, dvt, &ppack, kcv, &mut ot, ld, false)?;
+        amx::gemm(vpack, dvt, &ppack, kcv, &mut ot, ld, false)?;
         j0 += nk;
     }
     let mut o = vec![0.0f32; n * dv];
@@ -134,6 +144,22 @@ pub unsafe fn run(
         }
     }
     write_out(p, &rows, &o, &state.l, out)
+}
+
+/// `Oᵀ[e][c] *= alpha[c]`, skipping groups of 16 columns whose factors are all 1 (most of them
+/// once the running maxima settle; a NaN factor is applied).
+#[inline(always)]
+fn rescale(ot: &mut [f32], ld: usize, alpha: &[f32]) {
+    for (c0, a) in alpha.chunks(16).enumerate().map(|(i, a)| (16 * i, a)) {
+        if a.iter().all(|&x| x == 1.0) {
+            continue;
+        }
+        for orow in ot.chunks_mut(ld) {
+            for (x, &f) in orow[c0..c0 + a.len()].iter_mut().zip(a) {
+                *x *= f;
+            }
+        }
+    }
 }
 
 fn internal(what: &str) -> Error {
