@@ -54,11 +54,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-FORMS = ("unfused", "ort_opt", "flash", "ort_opt_flash", "ort_opt_flash_nopack")
+FORMS = ("unfused", "ort_opt", "flash", "ort_opt_flash", "ort_opt_flash_pack", "ort_opt_flash_nopack")
 FORM_LABEL = {"unfused": "unfused export", "ort_opt": "ORT transformer optimizer", "flash": "flash-ort fuse",
               "ort_opt_flash": "ORT optimizer without attention fusion, then flash-ort fuse",
-              "ort_opt_flash_nopack": "the same with flash-ort fuse --no-pack-qkv (Q/K/V packing A/B)"}
-OURS = ("flash", "ort_opt_flash", "ort_opt_flash_nopack")  # forms with com.flash nodes: their sessions load the library
+              "ort_opt_flash_pack": "the same with flash-ort fuse --no-fold-bias (K/V biases kept, Q/K/V packed)",
+              "ort_opt_flash_nopack": "the same with flash-ort fuse --no-pack-qkv --no-fold-bias (three "
+                                      "projections, three bias Adds)"}
+OURS = ("flash", "ort_opt_flash", "ort_opt_flash_pack", "ort_opt_flash_nopack")  # forms with com.flash nodes: their sessions load the library
 THEIRS = ("unfused", "ort_opt")    # what the issue compares ours against
 ORT_ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
                      "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention", "SparseAttention"}
@@ -292,12 +294,15 @@ def cmd_prepare(a) -> int:
                                                    folder / f"{name}.ortopt_flash.onnx", rec)
             log(f"{name}: ort_opt_flash {forms['ort_opt_flash']}")
         mid = folder / f"{name}.ortopt_noattn.onnx"
-        if a.nopack and mid.exists() and forms.get("ort_opt_flash", {}).get("file") and \
-                ("ort_opt_flash_nopack" not in forms or a.force):
-            made = True
-            forms["ort_opt_flash_nopack"] = flash_fuse(a.flash_ort, mid, folder / f"{name}.ortopt_flash_nopack.onnx",
-                                                       ("--no-pack-qkv",))
-            log(f"{name}: ort_opt_flash_nopack {forms['ort_opt_flash_nopack']}")
+        # The A/B forms of the same optimized graph: Q/K/V packed (no bias fold), and neither.
+        for form, flags in (("ort_opt_flash_pack", ("--no-fold-bias",)),
+                            ("ort_opt_flash_nopack", ("--no-pack-qkv", "--no-fold-bias"))):
+            if a.nopack and mid.exists() and forms.get("ort_opt_flash", {}).get("file") and \
+                    (form not in forms or a.force):
+                made = True
+                forms[form] = flash_fuse(a.flash_ort, mid, folder / f"{name}.{form.replace('ort_opt_flash', 'ortopt_flash')}.onnx",
+                                         flags)
+                log(f"{name}: {form} {forms[form]}")
         forms_path.write_text(json.dumps(doc, indent=1))
         if a.parity and (made or "forms" not in (entry.get("parity") or {})):
             log(f"{name}: parity of every form against the unfused export ({a.provider}) ...")
@@ -868,8 +873,8 @@ def main() -> int:
     p.add_argument("--ort-opt-flash", action="store_true",
                    help="also ORT's optimizer with attention fusion off, then flash-ort fuse (form ort_opt_flash)")
     p.add_argument("--nopack", action="store_true",
-                   help="with --ort-opt-flash: also the ort_opt_flash_nopack form (fuse --no-pack-qkv), the "
-                        "Q/K/V packing A/B in one run")
+                   help="with --ort-opt-flash: also the forms ort_opt_flash_pack (fuse --no-fold-bias: Q/K/V "
+                        "packed) and ort_opt_flash_nopack (--no-pack-qkv --no-fold-bias), the A/B in one run")
     p.add_argument("--parity", action="store_true", help="run every form against the unfused export in ORT")
     p.add_argument("--library", default=lib_default, help="libflash_ort.so, for --parity")
     p.add_argument("--models", help="comma-separated model names (file stems) or architectures")

@@ -42,7 +42,8 @@ FORM_STYLE = {
     "ort_opt": ("ORT transformer optimizer", "tab:blue"),
     "flash": ("flash-ort fuse", "tab:red"),
     "ort_opt_flash": ("ORT optimizer (no attention) + flash-ort", "tab:orange"),
-    "ort_opt_flash_nopack": ("ORT optimizer (no attention) + flash-ort, Q/K/V not packed", "tab:brown"),
+    "ort_opt_flash_pack": ("ORT optimizer (no attention) + flash-ort, K/V biases kept, Q/K/V packed", "tab:pink"),
+    "ort_opt_flash_nopack": ("ORT optimizer (no attention) + flash-ort, K/V biases kept, Q/K/V not packed", "tab:brown"),
 }
 BATCH_LINE = {1: "-", 8: "--"}
 

@@ -31,7 +31,9 @@ enum Command {
         weights are never loaded: OUT references the same files (linked beside OUT when it is written \
         to another folder). Each fused site's Q, K and V projections (three MatMuls of one input, \
         with or without bias Adds) are packed into one MatMul, one Add and a Split, as ONNX \
-        Runtime's own attention does; --no-pack-qkv keeps them apart."
+        Runtime's own attention does; --no-pack-qkv keeps them apart. Before that, K's bias Add is \
+        dropped (softmax ignores a per-query constant) and V's is folded into the output \
+        projection's bias where every row's probabilities sum to one; --no-fold-bias keeps both."
     )]
     Fuse {
         /// The ONNX model to rewrite.
@@ -56,6 +58,10 @@ enum Command {
         /// packed into one MatMul + Add + Split).
         #[arg(long)]
         no_pack_qkv: bool,
+        /// Keep the K and V bias Adds (by default, in the 3D layout, K's is dropped and V's is
+        /// folded into the output projection's bias).
+        #[arg(long)]
+        no_fold_bias: bool,
     },
     /// List every attention site of a model: fusable or not, and why.
     Inspect {
@@ -164,11 +170,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             tolerance,
             provider,
             no_pack_qkv,
+            no_fold_bias,
         } => {
             let mut loaded = graph::load_model(&input)?;
             let opts = fuse::Options {
                 apply: true,
                 pack_qkv: !no_pack_qkv,
+                fold_bias: !no_fold_bias,
             };
             let rep = fuse::fuse_model_with(&mut loaded.model, &opts);
             graph::save_model(&loaded.model, &output, &loaded)?;

@@ -223,9 +223,11 @@ fn verify_provider_cuda_needs_a_cuda_build_of_ort() {
     }
 }
 
-/// `--no-pack-qkv` keeps the three projections; by default the report counts the packed sites.
+/// By default the K/V bias Adds of ORT-optimized BERT are folded away (so Q alone keeps a bias
+/// and packing declines); `--no-fold-bias` packs the projections, `--no-pack-qkv` with it keeps
+/// everything apart. The report counts each.
 #[test]
-fn no_pack_qkv_keeps_the_projections_apart() {
+fn bias_fold_and_packing_switches() {
     let d = tmpdir("pack");
     let run = |extra: &[&str]| {
         let (out, rep) = (d.join("o.onnx"), d.join("r.json"));
@@ -247,16 +249,33 @@ fn no_pack_qkv_keeps_the_projections_apart() {
         (String::from_utf8_lossy(&o.stdout).into_owned(), json)
     };
     let (stdout, json) = run(&[]);
+    assert_eq!(json["bias_folded"], 3);
+    assert_eq!(json["qkv_packed"], 0);
+    let summary = &json["sites"][0]["summary"];
+    assert_eq!(summary["qkv_pack"]["reason"], "qkv-bias-mixed");
+    let fold = summary["bias_fold"].as_str().unwrap();
+    assert!(fold.contains("K bias") && fold.contains("V bias"), "{fold}");
+    assert!(
+        stdout.contains("3 with K/V bias Adds folded away"),
+        "{stdout}"
+    );
+    let (stdout, json) = run(&["--no-fold-bias"]);
+    assert_eq!(json["bias_folded"], 0);
     assert_eq!(json["qkv_packed"], 3);
     assert_eq!(json["sites"][0]["summary"]["qkv_pack"]["packed"], true);
+    assert!(json["sites"][0]["summary"].get("bias_fold").is_none());
     assert!(
         stdout.contains("3 with Q/K/V projections packed"),
         "{stdout}"
     );
-    let (stdout, json) = run(&["--no-pack-qkv"]);
+    let (stdout, json) = run(&["--no-pack-qkv", "--no-fold-bias"]);
     assert_eq!(json["qkv_packed"], 0);
     assert!(json["sites"][0]["summary"].get("qkv_pack").is_none());
-    assert!(!stdout.contains("qkv"), "{stdout}");
+    assert!(
+        !stdout.contains("qkv") && !stdout.contains("folded away"),
+        "{stdout}"
+    );
     let help = bin().args(["fuse", "--help"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&help.stdout).contains("--no-pack-qkv"));
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    assert!(help.contains("--no-pack-qkv") && help.contains("--no-fold-bias"));
 }

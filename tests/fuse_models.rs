@@ -339,11 +339,16 @@ fn projection_ops(m: &graph::onnx::ModelProto) -> (usize, usize, usize) {
 fn fuse_both_ways(file: &str) -> (fuse::Report, graph::LoadedModel, graph::onnx::ModelProto) {
     let src = repo().join("models").join(file);
     let mut packed = graph::load_model(&src).unwrap_or_else(|e| panic!("{file}: {e}"));
-    let rep = fuse::fuse_model(&mut packed.model, true);
+    // Packing alone: the bias fold would leave Q alone with a bias.
+    let on = fuse::Options {
+        fold_bias: false,
+        ..Default::default()
+    };
+    let rep = fuse::fuse_model_with(&mut packed.model, &on);
     let mut plain = graph::load_model(&src).unwrap().model;
     let off = fuse::Options {
-        apply: true,
         pack_qkv: false,
+        ..on
     };
     let rep_off = fuse::fuse_model_with(&mut plain, &off);
     assert_eq!(rep_off.qkv_packed, 0, "{file}");
@@ -422,4 +427,60 @@ fn qkv_projections_pack_into_one_matmul() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The K/V bias fold (fuse::bias_fold) on real exports: where a fused node takes the 3D layout
+/// and its K/V come from biased projections, two bias Adds per site go (and V's bias moves into
+/// the output projection's), and ORT on the CPU gives the original's outputs; elsewhere nothing
+/// changes.
+#[test]
+fn kv_bias_adds_fold_away() {
+    let have_ort = verify::runtime::find_ort_library().is_ok();
+    let dir = std::env::temp_dir().join(format!("flash-ort-fold-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let files = [
+        "bert_eager_ts17.onnx",
+        "bert_sdpa_dyn18.onnx",
+        "bert_sdpa_dyn23.onnx",
+        "llama_gqa_sdpa_dyn18.onnx",
+        "gpt2_eager_ts17.onnx",
+        "t5_sdpa_dyn18.onnx",
+    ];
+    let mut folded_any = 0;
+    for file in files {
+        let src = repo().join("models").join(file);
+        let mut folded = graph::load_model(&src).unwrap();
+        let fold_only = fuse::Options {
+            pack_qkv: false,
+            ..Default::default()
+        };
+        let rep = fuse::fuse_model_with(&mut folded.model, &fold_only);
+        let mut kept = graph::load_model(&src).unwrap().model;
+        let neither = fuse::Options {
+            fold_bias: false,
+            ..fold_only
+        };
+        fuse::fuse_model_with(&mut kept, &neither);
+        let notes: Vec<&str> = rep
+            .sites
+            .iter()
+            .filter_map(|s| s.summary.as_ref()?.bias_fold.as_deref())
+            .collect();
+        assert_eq!(notes.len(), rep.bias_folded, "{file}");
+        let v_folds = notes.iter().filter(|n| n.contains("V bias")).count();
+        let k_drops = notes.iter().filter(|n| n.contains("K bias")).count();
+        let (mm, add, _) = projection_ops(&folded.model);
+        let (mm0, add0, _) = projection_ops(&kept);
+        assert_eq!(mm, mm0, "{file}");
+        assert_eq!(add0 - add, v_folds + k_drops, "{file}: {notes:?}");
+        folded_any += rep.bias_folded;
+        if have_ort && rep.bias_folded > 0 {
+            let out = dir.join(file);
+            graph::save_model(&folded.model, &out, &folded).unwrap();
+            let r = verify::verify(&src, &out, &verify::Options::default()).unwrap();
+            assert!(r.ok, "{file}: {}", r.human());
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(folded_any > 0, "no model folded anything");
 }

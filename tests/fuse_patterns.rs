@@ -484,6 +484,7 @@ fn ort_optimized_bert_packs_qkv_into_one_matmul_per_layer() {
     let off = fuse::Options {
         apply: true,
         pack_qkv: false,
+        ..Default::default()
     };
     assert_eq!(fuse::fuse_model_with(&mut plain, &off).qkv_packed, 0);
     let (m, rep) = fused(name);

@@ -614,6 +614,7 @@ pub fn match_softmax(
             },
             layout_note: None,
             qkv_pack: None,
+            bias_fold: None,
         },
     })
 }

@@ -2,6 +2,7 @@
 //! node. Every Softmax and every ONNX `Attention` node is a candidate site; each ends fused or
 //! skipped with a reason. Main graph, subgraphs (If/Loop/Scan bodies) and functions are searched.
 
+pub mod bias_fold;
 pub mod causal;
 pub mod decomposed;
 pub mod gqa;
@@ -30,6 +31,8 @@ pub struct Options {
     pub apply: bool,
     /// Pack each fused site's Q, K and V projections into one MatMul (fuse::pack_qkv).
     pub pack_qkv: bool,
+    /// Remove the K and V bias Adds the fused node makes redundant (fuse::bias_fold).
+    pub fold_bias: bool,
 }
 
 impl Default for Options {
@@ -37,6 +40,7 @@ impl Default for Options {
         Options {
             apply: true,
             pack_qkv: true,
+            fold_bias: true,
         }
     }
 }
@@ -195,6 +199,13 @@ fn fuse_graph(
             }
             let plans: Vec<plan::Plan> = folded.into_iter().map(|f| f.plan).collect();
             rewrite::apply(g, &plans);
+        }
+        if opts.fold_bias {
+            let folds = bias_fold::plans(&GraphView::new(g, outer));
+            for f in &folds {
+                report.note_bias_fold(path, &f.node, &f.note);
+            }
+            bias_fold::apply(g, folds);
         }
         if opts.pack_qkv {
             pack_projections(g, path, opset, outer, report);

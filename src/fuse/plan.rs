@@ -39,6 +39,9 @@ pub struct Summary {
     /// when packing was off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub qkv_pack: Option<QkvPack>,
+    /// The K/V bias Adds removed by fuse::bias_fold, and where V's bias went.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bias_fold: Option<String>,
 }
 
 /// The outcome of packing one fused site's projections.

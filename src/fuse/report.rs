@@ -13,6 +13,8 @@ pub struct Report {
     pub skipped: usize,
     /// Fused sites whose Q, K and V projections were packed into one MatMul.
     pub qkv_packed: usize,
+    /// Fused sites whose K/V bias Adds were removed (fuse::bias_fold).
+    pub bias_folded: usize,
     pub sites: Vec<SiteReport>,
 }
 
@@ -78,6 +80,14 @@ impl Report {
         if let Some(summary) = self.site_of(graph, node).and_then(|s| s.summary.as_mut()) {
             summary.qkv_pack = Some(pack);
             self.qkv_packed += usize::from(packed);
+        }
+    }
+
+    /// Records the bias Adds fuse::bias_fold removed around fused node `node` of `graph`.
+    pub fn note_bias_fold(&mut self, graph: &str, node: &str, note: &str) {
+        if let Some(summary) = self.site_of(graph, node).and_then(|s| s.summary.as_mut()) {
+            summary.bias_fold = Some(note.to_string());
+            self.bias_folded += 1;
         }
     }
 
@@ -151,6 +161,9 @@ impl Report {
                     if sum.gqa_folded {
                         extra.push("gqa".into());
                     }
+                    if sum.bias_fold.is_some() {
+                        extra.push("k/v bias folded".into());
+                    }
                     match &sum.qkv_pack {
                         Some(p) if p.packed => extra.push("qkv packed".into()),
                         Some(p) => {
@@ -187,6 +200,9 @@ impl Report {
                 "; {} with Q/K/V projections packed into one MatMul",
                 self.qkv_packed
             );
+        }
+        if self.bias_folded > 0 {
+            s += &format!("; {} with K/V bias Adds folded away", self.bias_folded);
         }
         s += "\n";
         s

@@ -167,6 +167,7 @@ pub fn match_attention(v: &GraphView, i: usize, names: &mut Names) -> Result<Pla
             },
             layout_note: None,
             qkv_pack: None,
+            bias_fold: None,
         },
     })
 }

@@ -130,17 +130,22 @@ def test_ort_opt_flash_form(tmp_path):
         assert e["parity"]["forms"]["flash"]["ok"], e["parity"]
     bert = forms["bert_eager_ts17"]["forms"]["ort_opt_flash"]
     assert bert["optimizer"]["fused_ops"].get("SkipLayerNormalization") and bert["optimizer"]["fused_ops"].get("BiasGelu")
-    # The packing A/B form: the same optimized graph fused with --no-pack-qkv keeps three Q/K/V
-    # MatMuls per site (two more than the packed form) and no Split, with the same outputs.
-    nopack = forms["bert_eager_ts17"]["forms"]["ort_opt_flash_nopack"]
-    assert nopack["fused_sites"] == forms["bert_eager_ts17"]["attention_sites"], nopack
-    assert forms["bert_eager_ts17"]["parity"]["forms"]["ort_opt_flash_nopack"]["ok"]
+    # The A/B forms of the same optimized graph, all matching the unfused export: by default the
+    # K/V bias Adds are folded away (Q/K/V stay three MatMuls, one Add per site); --no-fold-bias
+    # packs them (two MatMuls fewer, a Split); with --no-pack-qkv too, three MatMuls and three Adds.
+    sites = forms["bert_eager_ts17"]["attention_sites"]
     import onnx
     ops = lambda f: [n.op_type for n in onnx.load(str(tmp_path / f), load_external_data=False).graph.node]
-    packed, unpacked = ops(bert["file"]), ops(nopack["file"])
-    sites = forms["bert_eager_ts17"]["attention_sites"]
-    assert unpacked.count("MatMul") == packed.count("MatMul") + 2 * sites, (packed, unpacked)
-    assert packed.count("Split") - unpacked.count("Split") == sites
+    folded = ops(bert["file"])
+    for form in ("ort_opt_flash_pack", "ort_opt_flash_nopack"):
+        e = forms["bert_eager_ts17"]["forms"][form]
+        assert e["fused_sites"] == sites, e
+        assert forms["bert_eager_ts17"]["parity"]["forms"][form]["ok"]
+    packed = ops(forms["bert_eager_ts17"]["forms"]["ort_opt_flash_pack"]["file"])
+    unpacked = ops(forms["bert_eager_ts17"]["forms"]["ort_opt_flash_nopack"]["file"])
+    assert unpacked.count("MatMul") == folded.count("MatMul") == packed.count("MatMul") + 2 * sites, (folded, packed)
+    assert packed.count("Split") - unpacked.count("Split") == sites and "Split" not in folded
+    assert unpacked.count("Add") == folded.count("Add") + 2 * sites, (folded, unpacked)
     out = tmp_path / "results.json"
     p = subprocess.run([PY, "bench/model_bench.py", "run", "--forms", str(tmp_path / "forms.json"), "--out", str(out),
                         "--provider", "cpu", "--library", LIB, "--seqs", "8", "--batches", "1", "--target-s", "0.02",
