@@ -352,7 +352,12 @@ mod avx512 {
     /// `m_new` is −∞ and 0 is subtracted instead) is split into three parts and packed as
     /// [`pack_b_pairs`] would pack it (rows `keys..32·kc` zero), and its column sums are added
     /// to `l`. Done per tile, the scores are read while they are still in L1, and columns
-    /// whose max did not move skip the rescale. The scores are left as they were.
+    /// whose max did not move skip the rescale. The scores are left as they were. Meanwhile
+    /// the two `prefetch` ranges are fetched into L2, one 64-byte line of each per row pair
+    /// (512 pairs per 64 × 256 block cover two 24 KiB packs).
+    ///
+    /// (A burst of prefetches would fill the line-fill buffers and stall the core; spread over
+    /// the exponentials they cost a few instructions per pair.)
     ///
     /// # Safety
     /// AVX-512F/BW/DQ and AVX512-BF16. Extents are checked.
@@ -369,6 +374,7 @@ mod avx512 {
         l: &mut [f32],
         ot: &mut [f32],
         ot_rows: usize,
+        prefetch: [&[u16]; 2],
     ) -> Result<()> {
         use super::super::softmax::exp2_avx512;
         let (nt, parts) = (dst.nt, dst.parts);
@@ -389,6 +395,9 @@ mod avx512 {
         }
         let base = dst.buf.as_mut_ptr();
         let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+        // One 64-byte line of each prefetch range per row pair, into L2.
+        let mut line = 0usize;
+        let lines = prefetch.map(|r| (r.as_ptr().cast::<i8>(), r.len() * 2 / 64));
         for t in 0..nt {
             let col = st.as_ptr().add(16 * t);
             let row = |k: usize| _mm512_loadu_ps(col.add(k * ld));
@@ -435,6 +444,12 @@ mod avx512 {
                         let tile = (part * dst.kc + c) * nt + t;
                         _mm512_storeu_si512(base.add(tile * TILE_WORDS + 32 * r).cast(), pair);
                     }
+                    for &(ptr, n) in &lines {
+                        if line < n {
+                            _mm_prefetch::<_MM_HINT_T1>(ptr.add(64 * line));
+                        }
+                    }
+                    line += 1;
                 }
             }
             let lp = l.as_mut_ptr().add(16 * t);

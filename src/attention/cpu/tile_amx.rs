@@ -124,10 +124,21 @@ pub unsafe fn run(
         // Running max and sum, output rescale, and P straight from the scores into its
         // packed parts (no f32 P tile), 16 queries at a time.
         let (m, l) = (&mut state.m, &mut state.l);
+        // While the vector units work, this block's V pack and the next block's K pack (when
+        // the pre-split made them; they come from L3) move towards L2 for the tile loads.
+        let next_k = pre
+            .filter(|_| packed.is_some())
+            .and_then(|blocks| blocks.get(j0 / bc + 1)?.get())
+            .map_or(&[][..], |(kp, _)| &kp.buf[..]);
+        let this_v = match packed {
+            Some((_, vp)) => &vp.buf[..],
+            _ => &[][..],
+        };
+        let pf = [this_v, next_k];
         if finite {
-            split::softmax_pack_p::<false>(&mut ppack, &st, ld, nk, kcv, m, l, &mut ot, dv)?;
+            split::softmax_pack_p::<false>(&mut ppack, &st, ld, nk, kcv, m, l, &mut ot, dv, pf)?;
         } else {
-            split::softmax_pack_p::<true>(&mut ppack, &st, ld, nk, kcv, m, l, &mut ot, dv)?;
+            split::softmax_pack_p::<true>(&mut ppack, &st, ld, nk, kcv, m, l, &mut ot, dv, pf)?;
         }
         amx::gemm(vpack, dvt, &ppack, kcv, &mut ot, ld, false)?;
         j0 += nk;
