@@ -82,11 +82,18 @@ fn main() {
             random_device(&g, dtype, n, &mut rng),
         );
         let out = s.clone_htod(&vec![0u8; n * 2]).unwrap();
+        let with_mask = std::env::var("FLASH_ORT_BENCH_MASK").is_ok_and(|v| v == "1");
+        let zero_mask = s.clone_htod(&vec![0u8; tokens * 2]).unwrap();
         let ptr = |b: &CudaSlice<u8>| b.device_ptr(&s).0;
         if filter.is_empty() || filter == "grid" {
             for d in [64usize, 128] {
                 for causal in [false, true] {
-                    for seq in [1024usize, 4096, 16384] {
+                    // FLASH_ORT_BENCH_SEQS=2048,... replaces the grid's sequence lengths.
+                    let seqs: Vec<usize> = std::env::var("FLASH_ORT_BENCH_SEQS")
+                        .ok()
+                        .and_then(|v| v.split(',').map(|x| x.trim().parse().ok()).collect())
+                        .unwrap_or_else(|| vec![1024, 4096, 16384]);
+                    for seq in seqs {
                         // FLASH_ORT_BENCH_ONE=D,causal(0/1),S runs one grid row (for profiling).
                         if let Ok(one) = std::env::var("FLASH_ORT_BENCH_ONE") {
                             if one != format!("{d},{},{seq}", causal as u8) || dtype != DType::F16 {
@@ -99,10 +106,14 @@ fn main() {
                             elem(dtype),
                             &[b as i64, h as i64, seq as i64, d as i64],
                         );
+                        // FLASH_ORT_BENCH_MASK=1: a float key-padding mask [B, 1, 1, S] of
+                        // zeros in Q's type (what BERT-style exports pass), all keys visible.
+                        let mask_shape = [b as i64, 1, 1, seq as i64];
                         let inputs = InputDescs {
                             q: Some(desc.clone()),
                             k: Some(desc.clone()),
                             v: Some(desc),
+                            attn_mask: with_mask.then(|| TensorDesc::new(elem(dtype), &mask_shape)),
                             ..Default::default()
                         };
                         let attrs = AttentionAttrs {
@@ -116,7 +127,7 @@ fn main() {
                             q: ptr(&q),
                             k: ptr(&k),
                             v: ptr(&v),
-                            mask: 0,
+                            mask: if with_mask { ptr(&zero_mask) } else { 0 },
                             nonpad_kv_seqlen: 0,
                             out: ptr(&out),
                         };
@@ -137,7 +148,7 @@ fn main() {
                         let flops =
                             4.0 * (b * h * seq * seq * d) as f64 / if causal { 2.0 } else { 1.0 };
                         println!(
-                            "{{\"kind\":\"grid\",\"dtype\":\"{}\",\"d\":{d},\"causal\":{causal},\"n\":{seq},\"b\":{b},\"h\":{h},\"ms\":{ms:.4},\"ours\":{:.1}}}",
+                            "{{\"kind\":\"grid\",\"mask\":{with_mask},\"dtype\":\"{}\",\"d\":{d},\"causal\":{causal},\"n\":{seq},\"b\":{b},\"h\":{h},\"ms\":{ms:.4},\"ours\":{:.1}}}",
                             if dtype == DType::F16 { "float16" } else { "bfloat16" },
                             flops / (ms * 1e-3) / 1e12
                         );

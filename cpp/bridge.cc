@@ -4,6 +4,7 @@
 #include "flash-ort/cpp/bridge.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -261,6 +262,9 @@ void launch_attention(const AttnArgs& a) {
     p.window_left = (int)std::max<int64_t>(-1, std::min<int64_t>(a.window_left, 0x7fffffff));
     p.window_right = (int)std::max<int64_t>(-1, std::min<int64_t>(a.window_right, 0x7fffffff));
     p.num_splits = l.num_splits;
+    static const bool mask_warp_off = std::getenv("FLASH_ORT_MASK_WARP") != nullptr &&
+                                      std::atoi(std::getenv("FLASH_ORT_MASK_WARP")) == 0;
+    p.mask_warp = mask_warp_off ? 0 : 1;
     p.write_accum = l.accum ? 1 : 0;
     p.out_dtype = a.dtype;
     if (l.accum) {

@@ -207,6 +207,10 @@ void run_fwd(const FwdParams& p, cudaStream_t stream) {
                 if (cfg == 3) launched = launch_sm90_ws<sm90::WsConfig<kD, 64, 2, 3, false, T>>(p, stream);
                 if (cfg == 4) launched = launch_sm90_ws<ThreeWg>(p, stream);
                 if (cfg == 5) launched = launch_sm90_ws<TwoWg>(p, stream);
+                if constexpr (kD == 64) {  // deeper rings for the 192-row tile
+                    if (cfg == 6) launched = launch_sm90_ws<sm90::WsConfig<kD, 128, 3, 3, false, T>>(p, stream);
+                    if (cfg == 7) launched = launch_sm90_ws<sm90::WsConfig<kD, 64, 3, 4, false, T>>(p, stream);
+                }
 #endif
                 if (!launched) {
                     if constexpr (kD == 64) {

@@ -92,7 +92,10 @@ struct WsConfig {
     static_assert(kD % 64 == 0 && (kBlockN == 64 || kBlockN == 128), "whole swizzled panels");
     static constexpr int kQBytes = kBlockM * kD * 2;
     static constexpr int kKVBytes = kBlockN * kD * 2;
-    static constexpr int kBiasBytes = kStages * kBlockN * 4;
+    // Per stage: the block's mask bias (fp32); after all stages one flag per stage (1.f: the
+    // block's bias is all zeros, and the consumers take the bias-free path); + 2 floats a stage
+    // keep the barriers 8-byte aligned.
+    static constexpr int kBiasBytes = kStages * (kBlockN + 2) * 4;
     static constexpr int kBarBytes = 4 * kStages * 8;
     // + 1024: the dynamic shared memory base is only 16-byte aligned; the swizzle needs 1024.
     static constexpr size_t kSmemBytes = kQBytes + 2 * kStages * kKVBytes + kBiasBytes + kBarBytes + 1024;
@@ -142,10 +145,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const int count = max(0, n_end - n_begin);
     const bool has_mask = p.mask_kind != kMaskNone;
 
+    // The key-padding mask's bias is staged by a warp of its own (warp 1), so its global-load
+    // latency runs beside the K copy instead of before it. FLASH_ORT_MASK_WARP=0 (host side,
+    // p.mask_warp) stages it in the copy warp, as before (A/B).
+    const bool mask_warp = has_mask && p.mask_warp;
     if (tid == 0) {
         for (int s = 0; s < kStages; ++s) {
-            // full: the producer warp's 32 lanes arrive (lane 0 with the TMA byte count).
-            mbar_init(full_k(s), 32);
+            // full_k: the copy warp's 32 lanes arrive (lane 0 with the TMA byte count), and the
+            // mask warp's 32 when it stages the mask.
+            mbar_init(full_k(s), mask_warp ? 64 : 32);
             mbar_init(full_v(s), 32);
             mbar_init(empty_k(s), kConsumerWarps);
             mbar_init(empty_v(s), kConsumerWarps);
@@ -157,6 +165,37 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     if (role == 0) {
         // ----------------------------------------------------------------- producer
         if constexpr (Cfg::kSetRegs) regs_dec<Cfg::kProducerRegs>();
+        if (warp == 1 && mask_warp) {
+            // Block it's bias is read into registers before waiting for its stage, so the load
+            // overlaps the wait.
+            constexpr int kPer = kBlockN / 32;
+            float next[kPer];
+            auto load = [&](int it) {
+                const int key0 = (n_end - 1 - it) * kBlockN;
+#pragma unroll
+                for (int r = 0; r < kPer; ++r) {
+                    const int key = key0 + lane + 32 * r;
+                    next[r] = key < kv_end
+                                  ? mask_value<T>(p.mask, p.mask_kind, b * p.m_stride[0] + (int64_t)key * p.m_stride[3])
+                                  : 0.f;
+                }
+            };
+            if (count > 0) load(0);
+            for (int it = 0; it < count; ++it) {
+                const int s = it % kStages;
+                bool nz = false;
+#pragma unroll
+                for (int r = 0; r < kPer; ++r) nz |= next[r] != 0.f;
+                nz = __any_sync(0xffffffff, nz);
+                mbar_wait(empty_k(s), ((it / kStages) & 1) ^ 1);
+#pragma unroll
+                for (int r = 0; r < kPer; ++r) s_bias[s * kBlockN + lane + 32 * r] = next[r];
+                if (lane == 0) s_bias[kStages * kBlockN + s] = nz ? 0.f : 1.f;
+                mbar_arrive(full_k(s));
+                if (it + 1 < count) load(it + 1);
+            }
+            return;
+        }
         if (warp != 0) return;
         const T* kbase = static_cast<const T*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1];
         const T* vbase = static_cast<const T*>(p.v) + b * p.v_stride[0] + kvh * p.v_stride[1];
@@ -185,13 +224,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
             const uint32_t phase = (it / kStages) & 1;
             const bool manual = key0 + kBlockN > kv_end && kv_end < p.kv_len;
             mbar_wait(empty_k(s), phase ^ 1);
-            if (has_mask) {
+            if (has_mask && !mask_warp) {
+                bool nz = false;
                 for (int j = lane; j < kBlockN; j += 32) {
                     const int key = key0 + j;
-                    s_bias[s * kBlockN + j] =
+                    const float bv =
                         key < kv_end ? mask_value<T>(p.mask, p.mask_kind, b * p.m_stride[0] + (int64_t)key * p.m_stride[3])
                                      : 0.f;
+                    s_bias[s * kBlockN + j] = bv;
+                    nz |= bv != 0.f;
                 }
+                nz = __any_sync(0xffffffff, nz);
+                if (lane == 0) s_bias[kStages * kBlockN + s] = nz ? 0.f : 1.f;
             }
             if (manual) {
                 copy_manual(sK + s * Cfg::kKVBytes, kbase, p.k_stride[2], p.d, key0, full_k(s));
@@ -246,6 +290,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const bool additive = p.mask_kind >= kMaskF32;
     const float pre = additive ? p.scale : p.scale * kLog2e;
     const float post = additive ? kLog2e : 1.f;
+    const float pp = pre * post;
 
     if (count > 0) {
         // This warpgroup's 64 rows of Q (GQA rows interleave heads, which a TMA box cannot express).
@@ -335,7 +380,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                         for (int c = 0; c < 2; ++c) {
                             float& x = s[j * 4 + 2 * r + c];
                             if constexpr (kMode == 0) {
-                                x = fast_exp2(fmaf(x, pre, -m_use));
+                                x = fast_exp2(fmaf(x, pp, -m_use * post));
                             } else {
                                 x = fast_exp2((x - m_use) * post);
                             }
@@ -346,7 +391,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                 }
                 return __any_sync(0xffffffff, moved);
             };
-            if (!has_mask) {
+            // No mask, or a block whose mask bias is all zeros (e.g. BERT's valid keys): the
+            // bias-free paths (mode 0 in log2 units through pp = pre * post).
+            if (!has_mask || s_bias[kStages * kBlockN + stage] != 0.f) {
                 return inside && pre > 0.f ? run(std::integral_constant<int, 0>{})
                                            : run(std::integral_constant<int, 1>{});
             }

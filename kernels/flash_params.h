@@ -44,6 +44,7 @@ struct FwdParams {
     int window_left, window_right;
 
     int num_splits;    // >= 1
+    int mask_warp;     // Hopper warp-specialized kernel: stage the mask in a warp of its own
     int write_accum;   // 1: write fp32 partials to o_accum/lse_accum, the combine kernel finishes
     int out_dtype;     // DTypeCode of out (used by the combine kernel)
 };
