@@ -42,11 +42,11 @@ fn is_flash(n: &NodeProto) -> bool {
     n.domain.as_deref() == Some(DOMAIN) && n.op_type.as_deref() == Some(OP_TYPE)
 }
 
-fn input<'g>(n: &'g NodeProto, k: usize) -> Option<&'g str> {
+fn input(n: &NodeProto, k: usize) -> Option<&str> {
     n.input.get(k).map(String::as_str).filter(|s| !s.is_empty())
 }
 
-fn output<'g>(n: &'g NodeProto, k: usize) -> Option<&'g str> {
+fn output(n: &NodeProto, k: usize) -> Option<&str> {
     n.output
         .get(k)
         .map(String::as_str)
@@ -138,12 +138,16 @@ fn tensor_of(name: String, dims: Vec<i64>, dt: i32, values: &[f64]) -> Option<Te
     })
 }
 
-/// The V-bias fold of fused node `i`: the Add to drop and the new output-projection bias.
-fn fold_v(
-    v: &GraphView,
-    i: usize,
-    names: &mut Names,
-) -> Result<((usize, String), (usize, usize, TensorProto), String), &'static str> {
+/// A V-bias fold: the Add to drop (and what its readers read instead), the output
+/// projection's new bias (node, input index, tensor), and the report's note.
+struct VFold {
+    drop: (usize, String),
+    bias: (usize, usize, TensorProto),
+    note: String,
+}
+
+/// The V-bias fold of fused node `i`, or why there is none.
+fn fold_v(v: &GraphView, i: usize, names: &mut Names) -> Result<VFold, &'static str> {
     let n = v.node(i);
     if attr_i(n, "is_causal").unwrap_or(0) != 0
         || attr_i(n, "window_left").unwrap_or(-1) >= 0
@@ -214,7 +218,11 @@ fn fold_v(
         node_label(v.node(add)),
         node_label(v.node(bn))
     );
-    Ok(((add, mm_out.to_string()), (bn, bk, t), note))
+    Ok(VFold {
+        drop: (add, mm_out.to_string()),
+        bias: (bn, bk, t),
+        note,
+    })
 }
 
 /// Every fused node's folds (nodes with nothing to fold are left out).
@@ -244,13 +252,13 @@ pub fn plans(v: &GraphView) -> Vec<Fold> {
                 }
             }
         }
-        if let Ok((drop, bias, note)) = fold_v(v, i, &mut names) {
-            if !taken.contains(&drop.0) && !taken.contains(&bias.0) {
-                taken.insert(drop.0);
-                taken.insert(bias.0);
-                notes.push(note);
-                fold.drops.push(drop);
-                fold.new_bias = Some(bias);
+        if let Ok(vf) = fold_v(v, i, &mut names) {
+            if !taken.contains(&vf.drop.0) && !taken.contains(&vf.bias.0) {
+                taken.insert(vf.drop.0);
+                taken.insert(vf.bias.0);
+                notes.push(vf.note);
+                fold.drops.push(vf.drop);
+                fold.new_bias = Some(vf.bias);
             }
         }
         if !notes.is_empty() {
