@@ -481,14 +481,24 @@ fn ort_optimized_bert_packs_qkv_into_one_matmul_per_layer() {
     let ops = |m: &ModelProto| (count(m, "MatMul"), count(m, "Add"), count(m, "Split"));
     let original = graph::load_model(&graph_path(name)).unwrap().model;
     let mut plain = original.clone();
-    let off = fuse::Options {
-        apply: true,
-        pack_qkv: false,
+    // Packing alone (the default bias fold would leave Q alone with a bias: no packing).
+    let on = fuse::Options {
+        fold_bias: false,
         ..Default::default()
     };
+    let off = fuse::Options {
+        pack_qkv: false,
+        ..on
+    };
     assert_eq!(fuse::fuse_model_with(&mut plain, &off).qkv_packed, 0);
-    let (m, rep) = fused(name);
+    let mut m = original.clone();
+    let rep = fuse::fuse_model_with(&mut m, &on);
     assert_eq!(rep.qkv_packed, 3, "{}", rep.human());
+    // By default the K and V bias Adds fold away instead (V's into SkipLayerNormalization's
+    // bias) and the projections stay three.
+    let (folded, rep_folded) = fused(name);
+    assert_eq!((rep_folded.bias_folded, rep_folded.qkv_packed), (3, 0));
+    assert_eq!(ops(&folded), (18, 3, 0));
     // 3 layers: Q/K/V + O + 2 MLP MatMuls each; plus the 2 score matmuls that fusing removed.
     assert_eq!(ops(&original), (24, 12, 0));
     assert_eq!(ops(&plain), (18, 9, 0));
