@@ -161,6 +161,16 @@ pub fn open_session_on(
             ))
         })?;
     }
+    // ONNX Runtime adds a custom op domain to the process-wide ONNX schema registry with a
+    // check-then-insert that is not thread-safe: two sessions loading the operator library at
+    // once can fail with "the domain is already exist". Sessions that register it are created
+    // one at a time.
+    static CUSTOM_DOMAIN_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = op_lib.map(|_| {
+        CUSTOM_DOMAIN_LOCK
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    });
     b.commit_from_file(model)
         .map_err(|e| Error::Other(format!("ONNX Runtime cannot load {}: {e}", model.display())))
 }
