@@ -86,6 +86,14 @@ void launch_sm90(const FwdParams& p, cudaStream_t stream) {
     check_launch("flash_fwd_sm90_kernel");
 }
 
+// An integer environment switch; `fallback` when unset or empty. FLASH_ORT_SM90_WS=0 keeps the
+// Hopper kernel without warp specialization (A/B comparisons); in a FLASH_ORT_TILE_EXPERIMENT
+// build, FLASH_ORT_WS_CFG picks a tile variant of the warp-specialized one.
+inline int env_int(const char* name, int fallback) {
+    const char* v = getenv(name);
+    return v != nullptr && *v != 0 ? atoi(v) : fallback;
+}
+
 // cuTensorMapEncodeTiled from the driver (the runtime is linked statically; the driver API is
 // reached through the runtime's entry-point query, no -lcuda). Null when unavailable.
 inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
@@ -124,9 +132,7 @@ bool make_kv_map(CUtensorMap* map, const void* ptr, const int64_t (&stride)[4], 
     const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
     const CUtensorMapDataType dtype = std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
                                                                      : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-    static const int forced = getenv("FLASH_ORT_TMA_L2") != nullptr && *getenv("FLASH_ORT_TMA_L2") != 0
-                                  ? atoi(getenv("FLASH_ORT_TMA_L2"))
-                                  : -1;
+    static const int forced = env_int("FLASH_ORT_TMA_L2", -1);
     const bool promote = forced >= 0 ? forced != 0 : l2_promote;
     return encode(map, dtype, 4, const_cast<void*>(ptr), dims, strides, box, elem_strides,
                   CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
@@ -157,13 +163,6 @@ bool launch_sm90_ws(const FwdParams& p, cudaStream_t stream) {
     return true;
 }
 
-// FLASH_ORT_SM90_WS=0 keeps the Hopper kernel without warp specialization (A/B comparisons);
-// in a FLASH_ORT_TILE_EXPERIMENT build, FLASH_ORT_WS_CFG picks a tile variant of the
-// warp-specialized one.
-inline int env_int(const char* name, int fallback) {
-    const char* v = getenv(name);
-    return v != nullptr && *v != 0 ? atoi(v) : fallback;
-}
 
 // What the Hopper kernel covers (flash_fwd_sm90.cuh): head sizes 64 and 128, more than one
 // decode tile of rows, no softcap, no mask or a mask that varies along keys only.

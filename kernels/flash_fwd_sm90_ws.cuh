@@ -165,6 +165,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     if (role == 0) {
         // ----------------------------------------------------------------- producer
         if constexpr (Cfg::kSetRegs) regs_dec<Cfg::kProducerRegs>();
+        // The mask bias of `key` as the softmax adds it; keys past this batch's end read none.
+        auto mask_bias = [&](int key) {
+            return key < kv_end ? mask_value<T>(p.mask, p.mask_kind, b * p.m_stride[0] + (int64_t)key * p.m_stride[3])
+                                : 0.f;
+        };
         if (warp == 1 && mask_warp) {
             // Block it's bias is read into registers before waiting for its stage, so the load
             // overlaps the wait.
@@ -173,12 +178,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
             auto load = [&](int it) {
                 const int key0 = (n_end - 1 - it) * kBlockN;
 #pragma unroll
-                for (int r = 0; r < kPer; ++r) {
-                    const int key = key0 + lane + 32 * r;
-                    next[r] = key < kv_end
-                                  ? mask_value<T>(p.mask, p.mask_kind, b * p.m_stride[0] + (int64_t)key * p.m_stride[3])
-                                  : 0.f;
-                }
+                for (int r = 0; r < kPer; ++r) next[r] = mask_bias(key0 + lane + 32 * r);
             };
             if (count > 0) load(0);
             for (int it = 0; it < count; ++it) {
@@ -227,10 +227,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
             if (has_mask && !mask_warp) {
                 bool nz = false;
                 for (int j = lane; j < kBlockN; j += 32) {
-                    const int key = key0 + j;
-                    const float bv =
-                        key < kv_end ? mask_value<T>(p.mask, p.mask_kind, b * p.m_stride[0] + (int64_t)key * p.m_stride[3])
-                                     : 0.f;
+                    const float bv = mask_bias(key0 + j);
                     s_bias[s * kBlockN + j] = bv;
                     nz |= bv != 0.f;
                 }

@@ -22,7 +22,7 @@
 
 use std::collections::HashSet;
 
-use super::plan::{Names, DOMAIN, OP_TYPE};
+use super::plan::{is_flash, Names};
 use crate::graph::onnx::{tensor_proto::DataType, GraphProto, NodeProto, TensorProto};
 use crate::graph::tensor::floats;
 use crate::graph::view::{attr_f, attr_i, is_op, node_label, GraphView};
@@ -36,10 +36,6 @@ pub struct Fold {
     drops: Vec<(usize, String)>,
     /// The output projection's new bias: (node, input index, tensor).
     new_bias: Option<(usize, usize, TensorProto)>,
-}
-
-fn is_flash(n: &NodeProto) -> bool {
-    n.domain.as_deref() == Some(DOMAIN) && n.op_type.as_deref() == Some(OP_TYPE)
 }
 
 fn input(n: &NodeProto, k: usize) -> Option<&str> {
@@ -303,18 +299,5 @@ pub fn apply(g: &mut GraphProto, folds: Vec<Fold>) {
         .filter(|(i, _)| !remove.contains(i))
         .map(|(_, n)| n)
         .collect();
-    let mut used = HashSet::new();
-    for n in &g.node {
-        super::rewrite::reads(n, &mut used);
-    }
-    let io: HashSet<&str> = g
-        .input
-        .iter()
-        .chain(&g.output)
-        .filter_map(|t| t.name.as_deref())
-        .collect();
-    g.initializer.retain(|t| {
-        let name = t.name.as_deref().unwrap_or("");
-        !old_reads.contains(name) || used.contains(name) || io.contains(name)
-    });
+    super::rewrite::drop_unread_initializers(g, &old_reads);
 }

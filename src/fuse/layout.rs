@@ -13,7 +13,7 @@
 //! `[B·S, H·Dv]`, GPT-2's dynamo export) stays, reading the 3D output. Nodes with past/present
 //! (KV cache) keep the 4D form. A node that keeps it gets the reason in the report.
 
-use super::plan::{attr_int, Names, Plan, Summary, DOMAIN, OP_TYPE};
+use super::plan::{attr_int, is_flash, Names, Plan, Summary};
 use crate::graph::onnx::NodeProto;
 use crate::graph::view::{attr_i, attr_ints, is_op, node_label, GraphView};
 
@@ -201,10 +201,6 @@ fn head_merge(v: &GraphView, y: &str, q_x: &str, hidden: i64) -> Result<Merge, S
         "{out} is not proven to be [B, S, {hidden}], or the 4D output or the merged heads are \
          also read elsewhere (or are graph outputs)"
     )))
-}
-
-fn is_flash(n: &NodeProto) -> bool {
-    n.domain.as_deref() == Some(DOMAIN) && n.op_type.as_deref() == Some(OP_TYPE)
 }
 
 /// The attribute `name` the node already declares, if any.

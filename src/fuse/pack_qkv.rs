@@ -18,7 +18,7 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
-use super::plan::{attr_int, attr_ints, node, Names, DOMAIN, OP_TYPE};
+use super::plan::{attr_int, attr_ints, is_flash, node, Names};
 use crate::graph::onnx::{GraphProto, NodeProto, TensorProto};
 use crate::graph::tensor::{elem_width, element_count, int64_tensor, le_bytes};
 use crate::graph::view::{is_op, node_label, GraphView};
@@ -482,10 +482,6 @@ fn build(
     })
 }
 
-fn is_flash(n: &NodeProto) -> bool {
-    n.domain.as_deref() == Some(DOMAIN) && n.op_type.as_deref() == Some(OP_TYPE)
-}
-
 /// Every fused node of the graph: those whose projections pack (rewrites for [`apply`]) and the
 /// others with the reason. `opset` is the default domain's, for the Split's spelling.
 pub fn plans(v: &GraphView, opset: i64) -> (Vec<Packed>, Vec<Unpacked>) {
@@ -547,20 +543,7 @@ pub fn apply(g: &mut GraphProto, packed: Vec<Packed>) {
             g.node.push(n);
         }
     }
-    let mut used = HashSet::new();
-    for n in &g.node {
-        super::rewrite::reads(n, &mut used);
-    }
-    let io: HashSet<&str> = g
-        .input
-        .iter()
-        .chain(&g.output)
-        .filter_map(|t| t.name.as_deref())
-        .collect();
-    g.initializer.retain(|t| {
-        let name = t.name.as_deref().unwrap_or("");
-        !old_reads.contains(name) || used.contains(name) || io.contains(name)
-    });
+    super::rewrite::drop_unread_initializers(g, &old_reads);
     // The MatMul outputs a bias Add read are no longer produced.
     let produced: HashSet<&str> = g
         .node
@@ -578,6 +561,7 @@ pub fn apply(g: &mut GraphProto, packed: Vec<Packed>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuse::plan::{DOMAIN, OP_TYPE};
     use crate::graph::onnx::{tensor_proto::DataLocation, StringStringEntryProto, ValueInfoProto};
 
     const H: i64 = 4;

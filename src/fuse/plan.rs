@@ -9,6 +9,11 @@ use crate::graph::onnx::{attribute_proto::AttributeType, AttributeProto, NodePro
 pub const DOMAIN: &str = "com.flash";
 pub const OP_TYPE: &str = "FlashAttention";
 
+/// Whether `n` is a fused `com.flash.FlashAttention` node.
+pub fn is_flash(n: &crate::graph::onnx::NodeProto) -> bool {
+    n.domain.as_deref() == Some(DOMAIN) && n.op_type.as_deref() == Some(OP_TYPE)
+}
+
 /// A complete, checked rewrite of one site. Applied entirely or not at all.
 #[derive(Clone, Debug)]
 pub struct Plan {

@@ -19,6 +19,25 @@ pub(super) fn reads(n: &NodeProto, out: &mut HashSet<String>) {
     }
 }
 
+/// Drops the initializers among `candidates` (what removed or rewired nodes used to read) that
+/// nothing reads any more and that are no graph input or output.
+pub(super) fn drop_unread_initializers(g: &mut GraphProto, candidates: &HashSet<String>) {
+    let mut used = HashSet::new();
+    for n in &g.node {
+        reads(n, &mut used);
+    }
+    let io: HashSet<&str> = g
+        .input
+        .iter()
+        .chain(&g.output)
+        .filter_map(|t| t.name.as_deref())
+        .collect();
+    g.initializer.retain(|t| {
+        let name = t.name.as_deref().unwrap_or("");
+        !candidates.contains(name) || used.contains(name) || io.contains(name)
+    });
+}
+
 pub fn apply(g: &mut GraphProto, plans: &[Plan]) {
     // The anchor (whose outputs the fused node now produces) goes at once; the site's other
     // nodes become dead-code candidates, removed below only when nothing reads them any more
