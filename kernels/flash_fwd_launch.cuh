@@ -2,6 +2,7 @@
 // (padded head size, dtype) by the generated flash_fwd_hdim<D>_<dtype>.cu files.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <stdexcept>
@@ -140,7 +141,65 @@ bool make_kv_map(CUtensorMap* map, const void* ptr, const int64_t (&stride)[4], 
                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// The warp-specialized Hopper kernel; false (nothing launched) when K/V cannot be read by TMA.
+// TMA descriptor of Q for the persistent kernel, as a 4D tensor (dim, head, seq, batch) read in
+// boxes of 64 columns x `group` heads x block_m / group queries: one box is the rows of one tile
+// in the kernel's GQA order (row m = query m / group of head m % group), queries past q_len and
+// columns past d arrive as zeros. False when TMA cannot address it or the box cannot be a tile
+// (block_m not a multiple of the group).
+template <typename T>
+bool make_q_map(CUtensorMap* map, const FwdParams& p, int block_m) {
+    const auto encode = tensor_map_encoder();
+    if (encode == nullptr || reinterpret_cast<uintptr_t>(p.q) % 16 != 0 || p.d % 8 != 0 || p.group < 1 ||
+        block_m % p.group != 0 || p.group > 256 || block_m / p.group > 256)
+        return false;
+    const cuuint64_t dims[4] = {(cuuint64_t)p.d, (cuuint64_t)p.q_heads, (cuuint64_t)p.q_len, (cuuint64_t)p.batch};
+    cuuint64_t strides[3] = {(cuuint64_t)p.q_stride[1] * 2, (cuuint64_t)p.q_stride[2] * 2,
+                             (cuuint64_t)p.q_stride[0] * 2};
+    for (int i = 0; i < 3; ++i) {
+        if (dims[i + 1] == 1) strides[i] = 16;
+        if (strides[i] == 0 || strides[i] % 16 != 0 || strides[i] >= (1ull << 40)) return false;
+    }
+    const cuuint32_t box[4] = {64, (cuuint32_t)p.group, (cuuint32_t)(block_m / p.group), 1};
+    const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+    const CUtensorMapDataType dtype = std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                                     : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    return encode(map, dtype, 4, const_cast<void*>(p.q), dims, strides, box, elem_strides,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Streaming multiprocessors of the current device (one attribute query per device, cached).
+inline int sm_count() {
+    static std::atomic<int> cache[64];
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
+    int v = cache[dev].load(std::memory_order_relaxed);
+    if (v == 0) {
+        if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || v <= 0) return 0;
+        cache[dev].store(v, std::memory_order_relaxed);
+    }
+    return v;
+}
+
+// Tiles of the warp-specialized kernel for a row block of block_m.
+inline int64_t ws_tiles(const FwdParams& p, int block_m) {
+    return (int64_t)((p.m_rows + block_m - 1) / block_m) * p.num_splits * p.batch * p.kv_heads;
+}
+
+// Whether a prefill call runs the persistent form of the warp-specialized kernel: more tiles
+// than SMs (otherwise every tile has an SM of its own anyway). FLASH_ORT_PERSISTENT: 0 never,
+// 1 (default) calls without causal rows or windows, 2 every call (A/B).
+inline bool want_persistent(const FwdParams& p, int block_m) {
+    static const int mode = env_int("FLASH_ORT_PERSISTENT", 1);
+    if (mode == 0) return false;
+    const bool banded = p.window_left >= 0 || p.window_right >= 0;
+    if (mode == 1 && banded) return false;
+    const int sms = sm_count();
+    return sms > 0 && ws_tiles(p, block_m) > sms;
+}
+
+// The warp-specialized Hopper kernel; false (nothing launched) when K/V (or Q, persistent) cannot
+// be read by TMA.
 template <typename Cfg>
 bool launch_sm90_ws(const FwdParams& p, cudaStream_t stream) {
     using T = typename Cfg::T;
@@ -149,6 +208,7 @@ bool launch_sm90_ws(const FwdParams& p, cudaStream_t stream) {
     if (!make_kv_map<T>(&maps.k, p.k, p.k_stride, p.d, p.kv_len, p.kv_heads, p.batch, Cfg::kBlockN, !decode) ||
         !make_kv_map<T>(&maps.v, p.v, p.v_stride, p.dv, p.kv_len, p.kv_heads, p.batch, Cfg::kBlockN, !decode))
         return false;
+    if (Cfg::kPersistent && !make_q_map<T>(&maps.q, p, Cfg::kBlockM)) return false;
     auto kernel = sm90::flash_fwd_sm90_ws_kernel<Cfg>;
     const size_t smem = Cfg::kSmemBytes;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
@@ -158,11 +218,14 @@ bool launch_sm90_ws(const FwdParams& p, cudaStream_t stream) {
                                  " bytes of shared memory: " + cudaGetErrorString(err));
     }
     dim3 grid((p.m_rows + Cfg::kBlockM - 1) / Cfg::kBlockM, p.num_splits, p.batch * p.kv_heads);
+    if constexpr (Cfg::kPersistent) {
+        // One CTA per SM (the register file holds one), each walking every grid.x-th tile.
+        grid = dim3((unsigned)std::min<int64_t>(ws_tiles(p, Cfg::kBlockM), std::max(1, sm_count())), 1, 1);
+    }
     kernel<<<grid, Cfg::kThreads, smem, stream>>>(p, maps);
     check_launch("flash_fwd_sm90_ws_kernel");
     return true;
 }
-
 
 // What the Hopper kernel covers (flash_fwd_sm90.cuh): head sizes 64 and 128, more than one
 // decode tile of rows, no softcap, no mask or a mask that varies along keys only.
@@ -212,10 +275,21 @@ void run_fwd(const FwdParams& p, cudaStream_t stream) {
                 }
 #endif
                 if (!launched) {
+                    // Persistent when there are more tiles than SMs (falls back when Q cannot be
+                    // a TMA box, e.g. a GQA group that does not divide the row block).
+                    using TwoWgP = sm90::WsConfig<kD, 128, 2, 2, true, T, true>;
+                    using ThreeWgP = sm90::WsConfig<kD, 128, 3, 2, false, T, true>;
                     if constexpr (kD == 64) {
-                        launched = short_causal ? launch_sm90_ws<TwoWg>(p, stream) : launch_sm90_ws<ThreeWg>(p, stream);
+                        if (short_causal) {
+                            launched = (want_persistent(p, TwoWg::kBlockM) && launch_sm90_ws<TwoWgP>(p, stream)) ||
+                                       launch_sm90_ws<TwoWg>(p, stream);
+                        } else {
+                            launched = (want_persistent(p, ThreeWg::kBlockM) && launch_sm90_ws<ThreeWgP>(p, stream)) ||
+                                       launch_sm90_ws<ThreeWg>(p, stream);
+                        }
                     } else {
-                        launched = launch_sm90_ws<TwoWg>(p, stream);
+                        launched = (want_persistent(p, TwoWg::kBlockM) && launch_sm90_ws<TwoWgP>(p, stream)) ||
+                                   launch_sm90_ws<TwoWg>(p, stream);
                     }
                 }
                 if (launched) return;

@@ -24,11 +24,13 @@ def bench(fn, iters=20, warm=3):
 
 BACKENDS = [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]
 ONLY = os.environ.get("PEERS", "")  # "grid" or "decode": one part only
+SEQS = [int(x) for x in os.environ.get("SEQS", "1024,4096,16384").split(",")]  # grid S values
+DTYPES = [getattr(torch, x) for x in os.environ.get("PEER_DTYPES", "float16,bfloat16").split(",")]
 print(json.dumps({"kind": "device", "name": torch.cuda.get_device_name(0), "torch": torch.__version__}))
-for dtype in [torch.float16, torch.bfloat16]:
+for dtype in DTYPES:
     for d in [64, 128]:
         for causal in [False, True] if ONLY != "decode" else []:
-            for n in [1024, 4096, 16384]:
+            for n in SEQS:
                 b = 16384 // n; h = 2048 // d
                 q = torch.randn(b, h, n, d, device="cuda", dtype=dtype)
                 k = torch.randn_like(q); v = torch.randn_like(q)

@@ -25,7 +25,7 @@ for l in sys.stdin:
 rm -rf .device-cuda && mkdir -p .device-cuda .device-e2e .device-lead
 cp "$tests" .device-cuda/cuda_attention
 cp "$bench" .device-cuda/cuda_bench
-cp scripts/cuda_device_run.sh scripts/cuda_bench_table.py scripts/cuda_peers_torch.py .device-cuda/
+cp scripts/cuda_device_run.sh scripts/cuda_bench_table.py scripts/cuda_peers_torch.py scripts/grid_ab.sh scripts/decode_ab.sh scripts/mask_ab.sh .device-cuda/
 cp "$CARGO_TARGET_DIR/release/libflash_ort.so" "$CARGO_TARGET_DIR/release/flash-ort" .device-e2e/
 strip .device-cuda/cuda_attention .device-cuda/cuda_bench .device-e2e/libflash_ort.so .device-e2e/flash-ort
 tar cJf .device-lead/cuda.tar.xz .device-cuda

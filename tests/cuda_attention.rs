@@ -249,6 +249,60 @@ fn cuda_long_and_wide() {
     check(&g, &c, &mut rng);
 }
 
+/// More tiles than an H100/H200 has SMs (132), so prefill runs the persistent warp-specialized
+/// kernel (one CTA per SM walking tiles, Q by TMA): batches with no keys at all (tiles with no
+/// blocks in the middle of a CTA's walk), key-padding masks, GQA groups that divide the row block
+/// and one that does not (the fallback), a padded head size, 3D layouts, Sq != Skv. Causal and
+/// window cases run persistent only under FLASH_ORT_PERSISTENT=2 (the device script runs the
+/// suite that way too).
+#[test]
+fn cuda_persistent_tiles() {
+    let Some(g) = gpu() else { return };
+    let mut rng = StdRng::seed_from_u64(19);
+    let mut cases = Vec::new();
+    for (dtype, d) in [(DType::F16, 64), (DType::BF16, 128)] {
+        let mut c = Case::plain(dtype, 4, 16, 8, 1000, 1000, d);
+        c.nonpad = true;
+        c.sample_rows = Some(160);
+        cases.push((c.clone(), Some(vec![0i64, 1000, 517, 129])));
+        let mut m = c.clone();
+        m.nonpad = false;
+        m.four_d = false;
+        m.mask = MaskSpec::Add(ElemType::F16, vec![4, 1, 1, 1000]);
+        if dtype == DType::BF16 {
+            m.mask = MaskSpec::Bool(vec![4, 1, 1, 1000]);
+        }
+        cases.push((m, None));
+        let mut causal = c.clone();
+        causal.nonpad = false;
+        causal.causal = true;
+        causal.sq = 600;
+        causal.skv = 900;
+        cases.push((causal, None));
+        let mut win = c.clone();
+        win.nonpad = false;
+        win.window_left = 100;
+        win.window_right = 20;
+        cases.push((win, None));
+    }
+    // Group 5 does not divide 128 or 192 rows: Q cannot be one TMA box, the plain grid runs.
+    let mut c = Case::plain(DType::F16, 4, 10, 2, 1500, 700, 64);
+    c.sample_rows = Some(160);
+    cases.push((c, None));
+    // Head size 48 in the 64 kernel (columns past d are zeros in Q, K and V), group 4.
+    let mut c = Case::plain(DType::BF16, 3, 16, 4, 800, 800, 48);
+    c.sample_rows = Some(160);
+    c.nonpad = true;
+    cases.push((c, Some(vec![800, 0, 401])));
+    for (c, nonpad) in cases {
+        let mut inp = make_inputs(&c, &mut rng);
+        if nonpad.is_some() {
+            inp.nonpad = nonpad;
+        }
+        check_inputs(&g, &c, inp, &mut rng);
+    }
+}
+
 #[test]
 fn cuda_errors_are_results() {
     let Some(g) = gpu() else { return };
