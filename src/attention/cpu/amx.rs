@@ -156,12 +156,18 @@ unsafe fn dot(mi: usize, ni: usize) {
 /// at most 2 (hi·hi, hi·mid, mid·hi, hi·lo, lo·hi, mid·mid for 3 × 3 parts; the dropped ones
 /// are below 2⁻²² relative), small ones first so they accumulate before the large ones, in an
 /// order where consecutive products share one operand (14 tile loads per 2 × 2 block and
-/// 32-wide k step instead of 24).
-pub fn products(a_parts: usize, b_parts: usize) -> Vec<(usize, usize)> {
-    [(2, 0), (1, 0), (1, 1), (0, 1), (0, 2), (0, 0)]
-        .into_iter()
-        .filter(|&(i, j)| i < a_parts && j < b_parts)
-        .collect()
+/// 32-wide k step instead of 24). A fixed array and a count, so that the GEMM, called twice
+/// per key block, does not allocate.
+pub fn products(a_parts: usize, b_parts: usize) -> ([(usize, usize); 6], usize) {
+    let mut out = [(0, 0); 6];
+    let mut n = 0;
+    for (i, j) in [(2, 0), (1, 0), (1, 1), (0, 1), (0, 2), (0, 0)] {
+        if i < a_parts && j < b_parts {
+            out[n] = (i, j);
+            n += 1;
+        }
+    }
+    (out, n)
 }
 
 fn internal(what: &str) -> Error {
@@ -195,7 +201,7 @@ pub unsafe fn gemm(
     if ldc < 16 * nt || (16 * mt - 1) * ldc + 16 * nt > c.len() {
         return Err(internal("output tile out of bounds"));
     }
-    let prods = products(a.parts, b.parts);
+    let (prods, np) = products(a.parts, b.parts);
     let t = Gemm {
         a: a.buf.as_ptr(),
         a_part: a.mt * a.kc * TILE_WORDS,
@@ -206,7 +212,7 @@ pub unsafe fn gemm(
         kc,
         ldc,
         zero: zero_c,
-        prods: &prods,
+        prods: &prods[..np],
     };
     let cp = c.as_mut_ptr();
     // Column pairs outer: the pair's B tiles (12 KiB at D = 64) stay in L1 while every row
