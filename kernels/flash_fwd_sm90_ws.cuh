@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
             // mask warp's 32 when it stages the mask.
             mbar_init(full_k(s), mask_warp ? 64 : 32);
             mbar_init(full_v(s), 32);
-            mbar_init(empty_k(s), kConsumerWarps);
+            mbar_init(empty_k(s), has_mask ? 32 * kConsumerWarps : kConsumerWarps);
             mbar_init(empty_v(s), kConsumerWarps);
         }
         for (int s = 0; s < Cfg::kQBufs; ++s) {
@@ -509,9 +509,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                 }
             };
             // A stage is handed back by one lane per consumer warp once that warp's wgmmas reading
-            // it completed (and, for K, once the softmax read the stage's mask bias).
+            // it completed. With a mask, every lane also read the K stage's bias, so every lane
+            // arrives on empty_k: each lane's reads then come before the producer's next write of
+            // the stage through the barrier itself.
             auto release = [&](uint32_t bar) {
                 if (lane == 0) mbar_arrive(bar);
+            };
+            auto release_k = [&](int stage) {
+                if (has_mask) {
+                    mbar_arrive(empty_k(stage));
+                } else {
+                    release(empty_k(stage));
+                }
             };
             // Warpgroup 1's arrival after the CTA's very last turn would have no partner: skip it.
             bool final_tile = true;
@@ -550,7 +559,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                 float alphas[2];
                 softmax(n_end - 1, stage_of(0), alphas);
             }
-            release(empty_k(stage_of(0)));
+            release_k(stage_of(0));
             pack_p();
             for (int it = 1; it < count; ++it) {
                 const int st = stage_of(it), prev = stage_of(it - 1);
@@ -565,7 +574,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                 pin(s);
                 float alphas[2];
                 const bool moved = softmax(n_end - 1 - it, st, alphas);
-                release(empty_k(st));
+                release_k(st);
                 wg_wait<0>();
                 pin(o);
                 release(empty_v(prev));
