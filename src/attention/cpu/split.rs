@@ -354,7 +354,7 @@ mod avx512 {
     /// to `l`. Done per tile, the scores are read while they are still in L1, and columns
     /// whose max did not move skip the rescale. The scores are left as they were. Meanwhile
     /// the two `prefetch` ranges are fetched into L2, one 64-byte line of each per row pair
-    /// (512 pairs per 64 × 256 block cover two 24 KiB packs).
+    /// (1024 pairs per 128 × 256 block cover two 48 KiB packs).
     ///
     /// (A burst of prefetches would fill the line-fill buffers and stall the core; spread over
     /// the exponentials they cost a few instructions per pair.)
