@@ -6,6 +6,7 @@ Checks: the node runs on the CUDA EP (CPU fallback disabled), random cases again
 reference and the unfused graph on the CUDA EP (TF32 off), bad input, 8 threads on one session,
 CUDA graph capture, and two GPUs in one process when the machine has them."""
 
+import dataclasses
 import os
 import sys
 import threading
@@ -120,26 +121,30 @@ def test_bad_input_is_an_error_and_session_survives():
     assert np.abs(y.astype(np.float64) - reference(case, good)).max() < 1e-2
 
 
-def test_eight_threads_on_one_session_match_single_thread():
-    case = Case(b=2, hq=16, hkv=4, sq=512, skv=512, d=128, dv=128, dtype="float16", is_causal=1)
-    inputs = case.make_inputs()
-    s = cuda_session(flash_model(case, inputs))
-    want = s.run(None, inputs)[0]
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_eight_threads_on_one_session_match_single_thread(dtype):
+    # Each thread has inputs of its own: with one input set, two runs sharing a scratch block by
+    # mistake would write the same values into it and still agree. fp32 runs through scratch
+    # (the inputs converted, the output combined), which concurrent Run calls once shared.
+    case = Case(b=2, hq=16, hkv=4, sq=512, skv=512, d=128, dv=128, dtype=dtype, is_causal=1)
+    sets = [dataclasses.replace(case, seed=k).make_inputs() for k in range(4)]
+    s = cuda_session(flash_model(case, sets[0]))
+    want = [s.run(None, x)[0] for x in sets]
     got, errors = [], []
 
-    def worker():
+    def worker(i):
         try:
             for _ in range(10):
-                got.append(s.run(None, inputs)[0])
+                got.append((i, s.run(None, sets[i])[0]))
         except Exception as e:
             errors.append(e)
 
-    ts = [threading.Thread(target=worker) for _ in range(8)]
+    ts = [threading.Thread(target=worker, args=(i % len(sets),)) for i in range(8)]
     [t.start() for t in ts]
     [t.join() for t in ts]
     assert not errors and len(got) == 80
-    for g in got:
-        np.testing.assert_array_equal(g, want)
+    for i, g in got:
+        np.testing.assert_array_equal(g, want[i])
 
 
 def test_cuda_graph_capture_gives_same_output():
