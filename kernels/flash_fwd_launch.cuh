@@ -226,6 +226,15 @@ bool launch_sm90_ws(const FwdParams& p, cudaStream_t stream) {
     check_launch("flash_fwd_sm90_ws_kernel");
     return true;
 }
+// A prefill tile config: its persistent form where want_persistent() says so and Q can be a TMA
+// box, else one CTA per tile.
+template <typename Cfg>
+bool launch_sm90_prefill(const FwdParams& p, cudaStream_t stream) {
+    using Persistent = sm90::WsConfig<Cfg::kD, Cfg::kBlockN, Cfg::kConsumers, Cfg::kStages, Cfg::kPingPong,
+                                      typename Cfg::T, true>;
+    return (want_persistent(p, Cfg::kBlockM) && launch_sm90_ws<Persistent>(p, stream)) ||
+           launch_sm90_ws<Cfg>(p, stream);
+}
 
 // What the Hopper kernel covers (flash_fwd_sm90.cuh): head sizes 64 and 128, more than one
 // decode tile of rows, no softcap, no mask or a mask that varies along keys only.
@@ -277,19 +286,11 @@ void run_fwd(const FwdParams& p, cudaStream_t stream) {
                 if (!launched) {
                     // Persistent when there are more tiles than SMs (falls back when Q cannot be
                     // a TMA box, e.g. a GQA group that does not divide the row block).
-                    using TwoWgP = sm90::WsConfig<kD, 128, 2, 2, true, T, true>;
-                    using ThreeWgP = sm90::WsConfig<kD, 128, 3, 2, false, T, true>;
                     if constexpr (kD == 64) {
-                        if (short_causal) {
-                            launched = (want_persistent(p, TwoWg::kBlockM) && launch_sm90_ws<TwoWgP>(p, stream)) ||
-                                       launch_sm90_ws<TwoWg>(p, stream);
-                        } else {
-                            launched = (want_persistent(p, ThreeWg::kBlockM) && launch_sm90_ws<ThreeWgP>(p, stream)) ||
-                                       launch_sm90_ws<ThreeWg>(p, stream);
-                        }
+                        launched = short_causal ? launch_sm90_prefill<TwoWg>(p, stream)
+                                                : launch_sm90_prefill<ThreeWg>(p, stream);
                     } else {
-                        launched = (want_persistent(p, TwoWg::kBlockM) && launch_sm90_ws<TwoWgP>(p, stream)) ||
-                                   launch_sm90_ws<TwoWg>(p, stream);
+                        launched = launch_sm90_prefill<TwoWg>(p, stream);
                     }
                 }
                 if (launched) return;

@@ -129,6 +129,21 @@ struct WsTile {
     }
 };
 
+// A tile with the keys its batch has and the KV blocks its rows visit (count of them, walked down
+// from range.n_end - 1): what the copy warp, the mask warp and the consumers each need of it.
+template <int kBlockN>
+struct WsWork {
+    WsTile w;
+    KeyBounds kb;
+    BlockRange range;
+    int count;
+    __device__ __forceinline__ WsWork(const FwdParams& p, int t, int n_m, int block_m)
+        : w(p, t, n_m, block_m),
+          kb(p, w.b),
+          range(block_range<kBlockN>(p, kb, w.m0, w.m_end, w.split)),
+          count(max(0, range.n_end - range.n_begin)) {}
+};
+
 template <typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     flash_fwd_sm90_ws_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ KVMaps maps) {
@@ -166,10 +181,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const int tile_first = Cfg::kPersistent ? (int)blockIdx.x
                                             : (int)(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z));
     const int tile_step = Cfg::kPersistent ? (int)gridDim.x : num_tiles;
-    // A tile's KV blocks, walked from n_end - 1 down (count of them).
-    auto blocks_of = [&](const WsTile& w, const KeyBounds& kb) {
-        return block_range<kBlockN>(p, kb, w.m0, w.m_end, w.split);
-    };
+    auto work_of = [&](int t) { return WsWork<kBlockN>(p, t, n_m, kBlockM); };
     const bool has_mask = p.mask_kind != kMaskNone;
 
     // The key-padding mask's bias is staged by a warp of its own (warp 1), so its global-load
@@ -196,29 +208,28 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     if (role == 0) {
         // ----------------------------------------------------------------- producer
         if constexpr (Cfg::kSetRegs) regs_dec<Cfg::kProducerRegs>();
+        // The mask bias of `key` as the softmax adds it; keys past the tile's batch's end read none.
+        auto mask_bias = [&](const WsWork<kBlockN>& wk, int key) {
+            return key < wk.kb.kv_end ? mask_value<T>(p.mask, p.mask_kind,
+                                                      wk.w.b * p.m_stride[0] + (int64_t)key * p.m_stride[3])
+                                      : 0.f;
+        };
         // Both producer warps number the ring's blocks across all tiles of the CTA (gi), as the
         // consumers do.
         if (warp == 1 && mask_warp) {
             constexpr int kPer = kBlockN / 32;
             int gi = 0;
             for (int t = tile_first; t < num_tiles; t += tile_step) {
-                const WsTile w(p, t, n_m, kBlockM);
-                const KeyBounds kb(p, w.b);
-                const BlockRange range = blocks_of(w, kb);
-                const int count = max(0, range.n_end - range.n_begin);
-                // The mask bias of `key` as the softmax adds it; keys past this batch's end read none.
-                auto mask_bias = [&](int key) {
-                    return key < kb.kv_end ? mask_value<T>(p.mask, p.mask_kind,
-                                                           w.b * p.m_stride[0] + (int64_t)key * p.m_stride[3])
-                                           : 0.f;
-                };
+                const WsWork<kBlockN> wk = work_of(t);
+                const BlockRange& range = wk.range;
+                const int count = wk.count;
                 // Block it's bias is read into registers before waiting for its stage, so the load
                 // overlaps the wait.
                 float next[kPer];
                 auto load = [&](int it) {
                     const int key0 = (range.n_end - 1 - it) * kBlockN;
 #pragma unroll
-                    for (int r = 0; r < kPer; ++r) next[r] = mask_bias(key0 + lane + 32 * r);
+                    for (int r = 0; r < kPer; ++r) next[r] = mask_bias(wk, key0 + lane + 32 * r);
                 };
                 if (count > 0) load(0);
                 for (int it = 0; it < count; ++it, ++gi) {
@@ -240,11 +251,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         if (warp != 0) return;
         int gi = 0, qi = 0;
         for (int t = tile_first; t < num_tiles; t += tile_step) {
-            const WsTile w(p, t, n_m, kBlockM);
-            const KeyBounds kb(p, w.b);
-            const BlockRange range = blocks_of(w, kb);
-            const int count = max(0, range.n_end - range.n_begin);
-            const int kv_end = kb.kv_end;
+            const WsWork<kBlockN> wk = work_of(t);
+            const WsTile& w = wk.w;
+            const BlockRange& range = wk.range;
+            const int count = wk.count;
+            const int kv_end = wk.kb.kv_end;
             if (count == 0) continue;  // the consumers write its zeros without Q
             if constexpr (Cfg::kPersistent) {
                 const int qb = qi & 1;
@@ -278,10 +289,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                 fence_async_smem();
                 mbar_arrive(bar);
             };
-            // The mask bias of `key` as the softmax adds it; keys past this batch's end read none.
-            auto mask_bias = [&](int key) {
-                return key < kv_end ? mask_value<T>(p.mask, p.mask_kind, w.b * p.m_stride[0] + (int64_t)key * p.m_stride[3])
-                                    : 0.f;
+            // Stage s of K or V (`dst` in its ring): TMA for whole blocks, cp.async for the one that
+            // ends inside nonpad_kv_seqlen; every lane arrives, lane 0 with the byte count.
+            auto fill_stage = [&](uint32_t dst, const CUtensorMap* map, uint32_t bar, const T* src_base,
+                                  int64_t row_stride, int dcols, int key0, bool manual) {
+                if (manual) {
+                    copy_manual(dst, src_base, row_stride, dcols, key0, bar);
+                } else if (lane == 0) {
+                    mbar_arrive_expect_tx(bar, Cfg::kKVBytes);
+#pragma unroll
+                    for (int panel = 0; panel < kD / 64; ++panel)
+                        tma_load_4d(dst + panel * kBlockN * 128, map, bar, panel * 64, key0, w.kvh, w.b);
+                } else {
+                    mbar_arrive(bar);
+                }
             };
             for (int it = 0; it < count; ++it, ++gi) {
                 const int n = range.n_end - 1 - it;
@@ -293,36 +314,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                 if (has_mask && !mask_warp) {
                     bool nz = false;
                     for (int j = lane; j < kBlockN; j += 32) {
-                        const float bv = mask_bias(key0 + j);
+                        const float bv = mask_bias(wk, key0 + j);
                         s_bias[s * kBlockN + j] = bv;
                         nz |= bv != 0.f;
                     }
                     nz = __any_sync(0xffffffff, nz);
                     if (lane == 0) s_bias[kStages * kBlockN + s] = nz ? 0.f : 1.f;
                 }
-                if (manual) {
-                    copy_manual(sK + s * Cfg::kKVBytes, kbase, p.k_stride[2], p.d, key0, full_k(s));
-                } else if (lane == 0) {
-                    mbar_arrive_expect_tx(full_k(s), Cfg::kKVBytes);
-#pragma unroll
-                    for (int panel = 0; panel < kD / 64; ++panel)
-                        tma_load_4d(sK + s * Cfg::kKVBytes + panel * kBlockN * 128, &maps.k, full_k(s), panel * 64,
-                                    key0, w.kvh, w.b);
-                } else {
-                    mbar_arrive(full_k(s));
-                }
+                fill_stage(sK + s * Cfg::kKVBytes, &maps.k, full_k(s), kbase, p.k_stride[2], p.d, key0, manual);
                 mbar_wait(empty_v(s), phase ^ 1);
-                if (manual) {
-                    copy_manual(sV + s * Cfg::kKVBytes, vbase, p.v_stride[2], p.dv, key0, full_v(s));
-                } else if (lane == 0) {
-                    mbar_arrive_expect_tx(full_v(s), Cfg::kKVBytes);
-#pragma unroll
-                    for (int panel = 0; panel < kD / 64; ++panel)
-                        tma_load_4d(sV + s * Cfg::kKVBytes + panel * kBlockN * 128, &maps.v, full_v(s), panel * 64,
-                                    key0, w.kvh, w.b);
-                } else {
-                    mbar_arrive(full_v(s));
-                }
+                fill_stage(sV + s * Cfg::kKVBytes, &maps.v, full_v(s), vbase, p.v_stride[2], p.dv, key0, manual);
             }
         }
         return;
@@ -352,11 +353,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     float s[kBlockN / 2];
     uint32_t pa[kBlockN / 16][4];
     for (int t = tile_first; t < num_tiles; t += tile_step) {
-        const WsTile w(p, t, n_m, kBlockM);
-        const KeyBounds kb(p, w.b);
-        const BlockRange range = blocks_of(w, kb);
+        const WsWork<kBlockN> wk = work_of(t);
+        const WsTile& w = wk.w;
+        const KeyBounds& kb = wk.kb;
+        const BlockRange& range = wk.range;
         const int n_end = range.n_end;
-        const int count = max(0, n_end - range.n_begin);
+        const int count = wk.count;
         const int wg_m0 = w.m0 + wg * 64;
         const bool wg_active = wg_m0 < p.m_rows;
 
@@ -526,10 +528,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
             bool final_tile = true;
             if constexpr (kPP) {
                 for (int t2 = t + tile_step; t2 < num_tiles && final_tile; t2 += tile_step) {
-                    const WsTile w2(p, t2, n_m, kBlockM);
-                    const KeyBounds kb2(p, w2.b);
-                    const BlockRange r2 = blocks_of(w2, kb2);
-                    final_tile = r2.n_end <= r2.n_begin;
+                    final_tile = work_of(t2).count == 0;
                 }
                 if (!pp_started) {
                     pp_started = true;

@@ -27,7 +27,8 @@ struct DeviceScratch {
 
 impl Drop for DeviceScratch {
     fn drop(&mut self) {
-        // SAFETY: `ptr` came from this allocator's Alloc; the allocator wrapper is ours to release.
+        // SAFETY: `ptr` came from this allocator (its Alloc, or KernelContext_GetScratchBuffer on
+        // the same device allocator); the allocator wrapper is ours to release.
         unsafe {
             if !self.ptr.is_null() {
                 if let Some(free) = (*self.alloc).Free {
