@@ -4,7 +4,8 @@
 # variants (env switches) without and with a zero key-padding mask, and PyTorch's FlashAttention-2
 # and cuDNN on the same grid. Logs and the TFLOP/s table go under $OUT.
 #   bash scripts/grid_ab.sh [DIR]    DIR holds the staged cuda_attention, cuda_bench, scripts
-# VARIANTS="name:ENV=V,ENV=V ..." (first = the reference column); SEQS (FLASH_ORT_BENCH_SEQS);
+# VARIANTS="name:ENV=V,ENV=V ..." (first = the reference column; BIN_DIR=DIR runs DIR's
+# cuda_bench instead, for an A/B of two builds); SEQS (FLASH_ORT_BENCH_SEQS);
 # ROUNDS; MASK_VARIANTS (names of the variants also run with the mask).
 set -uo pipefail
 dir=${1:-.device-cuda}
@@ -33,9 +34,12 @@ export FLASH_ORT_BENCH=grid FLASH_ORT_BENCH_DTYPE=${DTYPE:-float16} FLASH_ORT_BE
 for round in $(seq 1 "${ROUNDS:-2}"); do
   for v in $variants; do
     name=${v%%:*}; IFS=, read -ra envs <<<"${v#*:}"
-    env "${envs[@]}" timeout 150 "$dir/cuda_bench" >>"$out/ours_$name.jsonl" 2>&1
+    # BIN_DIR=path among a variant's settings: that staged build's cuda_bench (A/B of two builds).
+    bin=$dir/cuda_bench
+    for e in "${envs[@]}"; do [[ $e == BIN_DIR=* ]] && bin=${e#BIN_DIR=}/cuda_bench; done
+    env "${envs[@]}" timeout 150 "$bin" >>"$out/ours_$name.jsonl" 2>&1
     if [[ " $mask_variants " == *" $name "* ]]; then
-      env "${envs[@]}" FLASH_ORT_BENCH_MASK=1 timeout 150 "$dir/cuda_bench" >>"$out/ours_${name}+mask.jsonl" 2>&1
+      env "${envs[@]}" FLASH_ORT_BENCH_MASK=1 timeout 150 "$bin" >>"$out/ours_${name}+mask.jsonl" 2>&1
     fi
   done
 done
