@@ -68,6 +68,21 @@ __device__ __forceinline__ void named_sync(int id, int threads) {
 __device__ __forceinline__ void named_arrive(int id, int threads) {
     asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// wgmma descriptors as a low word (start address, lbo) plus a constant high word (sbo = 1024,
+// 128-byte swizzle), matching make_desc. Descriptors of one tile differ only in the start
+// address, and shared memory is below 256 KB, so a descriptor for base + off is the base's low
+// word + off / 16: one uniform add per wgmma instead of rebuilding each descriptor.
+__device__ __forceinline__ uint32_t desc_lo(uint32_t addr, uint32_t lbo) {
+    return (addr >> 4) | ((lbo >> 4) << 16);
+}
+__device__ __forceinline__ uint64_t desc_of(uint32_t lo) {
+    return ((uint64_t)((1024u >> 4) | (1u << 30)) << 32) | lo;
+}
+// `x` broadcast from lane 0: a value the compiler may keep in a uniform register (the caller
+// knows it is the same across the warp).
+__device__ __forceinline__ uint32_t warp_uniform(uint32_t x) {
+    return __shfl_sync(0xffffffff, x, 0);
+}
 template <int kRegs>
 __device__ __forceinline__ void regs_dec() {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
@@ -172,7 +187,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     auto empty_q = [&](int s) { return bars + 8 * (4 * kStages + Cfg::kQBufs + s); };
 
     const int tid = threadIdx.x;
-    const int warp = tid / 32, lane = tid % 32;
+    // The warp index broadcast from lane 0: the compiler then knows it (and the role and warpgroup
+    // derived from it) is the same for the whole warp, so shared-memory addresses built from it,
+    // and the wgmma descriptors built from those, live in uniform registers.
+    const int warp = __shfl_sync(0xffffffff, tid / 32, 0), lane = tid % 32;
     const int role = warp / 4;  // 0 producer, 1.. consumer warpgroups
 
     // The tiles of this CTA: one (its grid coordinates) or, persistent, every gridDim.x-th.
@@ -409,21 +427,23 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                 named_sync(1 + wg, 128);
             }
 
+            const uint32_t q_lo = desc_lo(warp_uniform(sQt + wg * 64 * 128), 16);
             auto issue_s = [&](int stage) {
+                const uint32_t k_lo = desc_lo(warp_uniform(sK + stage * Cfg::kKVBytes), 16);
 #pragma unroll
                 for (int kk = 0; kk < kD / 16; ++kk) {
                     const uint32_t col = (kk % 4) * 32;
-                    const uint64_t da = make_desc(sQt + (kk / 4) * kBlockM * 128 + wg * 64 * 128 + col, 16, 1024);
-                    const uint64_t db =
-                        make_desc(sK + stage * Cfg::kKVBytes + (kk / 4) * kBlockN * 128 + col, 16, 1024);
+                    const uint64_t da = desc_of(q_lo + (((kk / 4) * kBlockM * 128 + col) >> 4));
+                    const uint64_t db = desc_of(k_lo + (((kk / 4) * kBlockN * 128 + col) >> 4));
                     wgmma::Ops<kBlockN, T>::ss(s, da, db, kk > 0 ? 1 : 0);
                 }
                 wg_commit();
             };
             auto issue_pv = [&](int stage) {
+                const uint32_t v_lo = desc_lo(warp_uniform(sV + stage * Cfg::kKVBytes), kBlockN * 128);
 #pragma unroll
                 for (int kk = 0; kk < kBlockN / 16; ++kk) {
-                    const uint64_t db = make_desc(sV + stage * Cfg::kKVBytes + kk * 16 * 128, kBlockN * 128, 1024);
+                    const uint64_t db = desc_of(v_lo + ((kk * 16 * 128) >> 4));
                     wgmma::Ops<kD, T>::rs(o, pa[kk], db, 1);
                 }
                 wg_commit();
