@@ -9,6 +9,10 @@
         `ncu --profile-from-start off --csv --metrics gpu__time_duration.sum`.
     profile_model.py summarize NCU.csv [--top 15]
         Sums the GPU time per kernel name from that CSV.
+    profile_model.py hostgap --forms DIR/forms.json --models M --only F,G [--batch 1] [--seq 2048]
+        Latency of each form as run (launches from the host every time) and replayed from an ORT
+        CUDA graph (enable_cuda_graph: no host work per kernel), interleaved, plus the host time
+        ORT's profiler gives each op type's Compute: shows whether a form loses time to the host.
 
 The device tool's GPU machine runs them from scripts/profile_gpu.sh.
 """
@@ -30,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import model_bench  # noqa: E402  (make_feeds: the benchmark's own inputs)
 
 
-def session(path: str, library: str | None, profile_dir: str | None = None):
+def session(path: str, library: str | None, profile_dir: str | None = None, cuda_graph: bool = False):
     import onnxruntime as ort
 
     try:
@@ -44,7 +48,8 @@ def session(path: str, library: str | None, profile_dir: str | None = None):
     if profile_dir:
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(profile_dir, "ort")
-    return ort.InferenceSession(path, so, providers=[("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
+    cuda = {"device_id": 0, "enable_cuda_graph": "1"} if cuda_graph else {"device_id": 0}
+    return ort.InferenceSession(path, so, providers=[("CUDAExecutionProvider", cuda), "CPUExecutionProvider"])
 
 
 def bound_run(sess, feeds):
@@ -108,6 +113,50 @@ def cmd_nodes(a) -> int:
     return 0
 
 
+def cmd_hostgap(a) -> int:
+    only = a.only.split(",") if a.only else None
+    forms = [(m, f, path, entry) for m, f, path, entry in forms_of(a) if not only or f in only]
+    runs = {}
+    host = {}
+    for m, f, path, entry in forms:
+        lib = a.library if f in ("flash", "ort_opt_flash") else None
+        feeds = model_bench.make_feeds(entry["inputs"], entry["config"]["vocab_size"], a.batch, a.seq)
+        for graph in (False, True):
+            try:
+                sess = session(path, lib, cuda_graph=graph)
+                b, keep = bound_run(sess, feeds)
+                for _ in range(3):  # warm-up; with a graph the first run captures it
+                    sess.run_with_iobinding(b)
+                runs[(f, graph)] = (sess, b, keep)
+            except Exception as e:  # noqa: BLE001  (a form ORT cannot capture: say so)
+                print(f"{m}/{f} cuda_graph={graph}: {str(e)[:160]}")
+        with tempfile.TemporaryDirectory() as tmp:
+            sess = session(path, lib, tmp)
+            b, keep = bound_run(sess, feeds)
+            for _ in range(1 + a.iters):
+                sess.run_with_iobinding(b)
+            events = json.loads(Path(sess.end_profiling()).read_text())
+        us = collections.Counter()
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                us[e.get("args", {}).get("op_name", "?")] += e.get("dur", 0) / (1 + a.iters)
+        host[f] = us
+    times = collections.defaultdict(list)
+    for _ in range(a.iters):  # interleaved: every form and mode each round
+        for key, (sess, b, keep) in runs.items():
+            t = time.perf_counter()
+            sess.run_with_iobinding(b)
+            times[key].append(time.perf_counter() - t)
+    print(f"\n## B={a.batch} S={a.seq}: median ms over {a.iters} interleaved runs")
+    print("| form | as run | CUDA graph replay | host us per run in Compute (top op types) |\n|---|---|---|---|")
+    for m, f, path, entry in forms:
+        med = lambda k: f"{sorted(times[k])[len(times[k]) // 2] * 1e3:.2f}" if times.get(k) else "-"
+        top = ", ".join(f"{op} {v:.0f}" for op, v in host[f].most_common(4))
+        print(f"| {f} | {med((f, False))} | {med((f, True))} | {top} (all: {sum(host[f].values()):.0f}) |")
+    sys.stdout.flush()
+    return 0
+
+
 def cmd_kernels(a) -> int:
     rt = None
     for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
@@ -164,7 +213,7 @@ def cmd_summarize(a) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("nodes", "kernels"):
+    for name in ("nodes", "kernels", "hostgap"):
         p = sub.add_parser(name)
         p.add_argument("--forms", required=True)
         p.add_argument("--models")
@@ -174,11 +223,13 @@ def main() -> int:
         p.add_argument("--iters", type=int, default=5)
         if name == "kernels":
             p.add_argument("--form", required=True)
+        if name == "hostgap":
+            p.add_argument("--only", help="comma-separated forms (default: all)")
     p = sub.add_parser("summarize")
     p.add_argument("csv")
     p.add_argument("--top", type=int, default=15)
     a = ap.parse_args()
-    return {"nodes": cmd_nodes, "kernels": cmd_kernels, "summarize": cmd_summarize}[a.cmd](a)
+    return {"nodes": cmd_nodes, "kernels": cmd_kernels, "hostgap": cmd_hostgap, "summarize": cmd_summarize}[a.cmd](a)
 
 
 if __name__ == "__main__":
