@@ -49,16 +49,24 @@ __device__ __forceinline__ uint32_t swizzled(int r, int chunk) {
     return panel * kRows * 128 + r * 128 + ((c ^ (r & 7)) << 4);
 }
 
-// wgmma shared-memory matrix descriptor, 128-byte swizzle. Offsets in bytes.
-//   K-major (Q, K): sbo = 1024 (next 8 rows); lbo unused inside one 128-byte row.
-//   MN-major (V):   lbo = distance between 64-column panels, sbo = 1024 (next 8 keys).
-__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-    uint64_t d = 0;
-    d |= (uint64_t)((addr & 0x3FFFF) >> 4);
-    d |= (uint64_t)((lbo >> 4) & 0x3FFF) << 16;
-    d |= (uint64_t)((sbo >> 4) & 0x3FFF) << 32;
-    d |= (uint64_t)1 << 62;  // SWIZZLE_128B
-    return d;
+// wgmma shared-memory matrix descriptor, 128-byte swizzle, offsets in bytes, as a low word
+// (start address >> 4, lbo >> 4 at bit 16) and a high word that is the same for every operand
+// here (sbo = 1024 >> 4, the 128-byte swizzle mode at bit 62):
+//   K-major (Q, K, P): sbo = 1024 (next 8 rows); lbo unused inside one 128-byte row.
+//   MN-major (V):      lbo = distance between 64-column panels, sbo = 1024 (next 8 keys).
+// Descriptors of one tile differ only in the start address, and shared memory is below 256 KB,
+// so the descriptor of base + off is the base's low word + off / 16: one uniform add per wgmma
+// instead of rebuilding each descriptor.
+__device__ __forceinline__ uint32_t desc_lo(uint32_t addr, uint32_t lbo) {
+    return (addr >> 4) | ((lbo >> 4) << 16);
+}
+__device__ __forceinline__ uint64_t desc_of(uint32_t lo) {
+    return ((uint64_t)((1024u >> 4) | (1u << 30)) << 32) | lo;
+}
+// `x` broadcast from lane 0: a value the compiler may keep in a uniform register (the caller
+// knows it is the same across the warp).
+__device__ __forceinline__ uint32_t warp_uniform(uint32_t x) {
+    return __shfl_sync(0xffffffff, x, 0);
 }
 
 template <int kD_, int kBlockN_, int kWarpgroups_, typename T_>
@@ -117,7 +125,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) flash_fwd_sm90
     float* s_bias = reinterpret_cast<float*>(smem_raw + (base - raw) + Cfg::kQBytes + 4 * Cfg::kKVBytes);
 
     const int tid = threadIdx.x;
-    const int warp = tid / 32, lane = tid % 32;
+    // Broadcast from lane 0 so the compiler knows it is warp-uniform: the descriptors built from
+    // the warpgroup index then live in uniform registers (see desc_lo).
+    const int warp = __shfl_sync(0xffffffff, tid / 32, 0), lane = tid % 32;
     const int g = lane / 4, t4 = lane % 4;
     const int wg = warp / 4;  // warpgroup: rows [64 wg, 64 wg + 64) of the CTA
 
@@ -203,13 +213,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) flash_fwd_sm90
         float s[kBlockN / 2];          // scores, then softmax numerators, of the current block
         uint32_t pa[kBlockN / 16][4];  // P of the block whose P·V is in flight
         // S = Q Kᵀ on K stage `stage`: kD / 16 wgmmas of m64 x kBlockN x k16 (not waited for).
+        const uint32_t q_lo = desc_lo(warp_uniform(sQ + wg * 64 * 128), 16);
         auto issue_s = [&](int stage) {
+            const uint32_t k_lo = desc_lo(warp_uniform(sK + stage * Cfg::kKVBytes), 16);
 #pragma unroll
             for (int kk = 0; kk < kD / 16; ++kk) {
                 const uint32_t col = (kk % 4) * 32;  // bytes into the panel's 128-byte rows
-                const uint64_t da = make_desc(sQ + (kk / 4) * kBlockM * 128 + wg * 64 * 128 + col, 16, 1024);
-                const uint64_t db =
-                    make_desc(sK + stage * Cfg::kKVBytes + (kk / 4) * kBlockN * 128 + col, 16, 1024);
+                const uint64_t da = desc_of(q_lo + (((kk / 4) * kBlockM * 128 + col) >> 4));
+                const uint64_t db = desc_of(k_lo + (((kk / 4) * kBlockN * 128 + col) >> 4));
                 wgmma::Ops<kBlockN, T>::ss(s, da, db, kk > 0 ? 1 : 0);
             }
             wg_commit();
@@ -217,9 +228,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) flash_fwd_sm90
         // O += P V on V stage `stage`: P in the accumulator layout is the register A operand of
         // m64nNk16 (two n8 tiles of S = one k16 slice), V through an MN-major descriptor.
         auto issue_pv = [&](int stage) {
+            const uint32_t v_lo = desc_lo(warp_uniform(sV + stage * Cfg::kKVBytes), kBlockN * 128);
 #pragma unroll
             for (int kk = 0; kk < kBlockN / 16; ++kk) {
-                const uint64_t db = make_desc(sV + stage * Cfg::kKVBytes + kk * 16 * 128, kBlockN * 128, 1024);
+                const uint64_t db = desc_of(v_lo + ((kk * 16 * 128) >> 4));
                 wgmma::Ops<kD, T>::rs(o, pa[kk], db, 1);
             }
             wg_commit();

@@ -68,21 +68,6 @@ __device__ __forceinline__ void named_sync(int id, int threads) {
 __device__ __forceinline__ void named_arrive(int id, int threads) {
     asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
-// wgmma descriptors as a low word (start address, lbo) plus a constant high word (sbo = 1024,
-// 128-byte swizzle), matching make_desc. Descriptors of one tile differ only in the start
-// address, and shared memory is below 256 KB, so a descriptor for base + off is the base's low
-// word + off / 16: one uniform add per wgmma instead of rebuilding each descriptor.
-__device__ __forceinline__ uint32_t desc_lo(uint32_t addr, uint32_t lbo) {
-    return (addr >> 4) | ((lbo >> 4) << 16);
-}
-__device__ __forceinline__ uint64_t desc_of(uint32_t lo) {
-    return ((uint64_t)((1024u >> 4) | (1u << 30)) << 32) | lo;
-}
-// `x` broadcast from lane 0: a value the compiler may keep in a uniform register (the caller
-// knows it is the same across the warp).
-__device__ __forceinline__ uint32_t warp_uniform(uint32_t x) {
-    return __shfl_sync(0xffffffff, x, 0);
-}
 template <int kRegs>
 __device__ __forceinline__ void regs_dec() {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
