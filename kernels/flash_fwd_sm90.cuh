@@ -69,6 +69,31 @@ __device__ __forceinline__ uint32_t warp_uniform(uint32_t x) {
     return __shfl_sync(0xffffffff, x, 0);
 }
 
+// S = Q Kᵀ for one warpgroup's 64 rows: kD / 16 wgmmas of m64 x kBlockN x k16 from the base words
+// of this warpgroup's Q rows and of K's stage (both K-major), committed, not waited for.
+template <int kD, int kBlockM, int kBlockN, typename T>
+__device__ __forceinline__ void wgmma_qk(float (&s)[kBlockN / 2], uint32_t q_lo, uint32_t k_lo) {
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+        const uint32_t col = (kk % 4) * 32;  // bytes into the panel's 128-byte rows
+        const uint64_t da = desc_of(q_lo + (((kk / 4) * kBlockM * 128 + col) >> 4));
+        const uint64_t db = desc_of(k_lo + (((kk / 4) * kBlockN * 128 + col) >> 4));
+        wgmma::Ops<kBlockN, T>::ss(s, da, db, kk > 0 ? 1 : 0);
+    }
+    wg_commit();
+}
+// O += P V: P in the accumulator layout is the register A operand of m64nNk16 (two n8 tiles of S
+// = one k16 slice), V's stage (base word v_lo) an MN-major operand; committed, not waited for.
+template <int kD, int kBlockN, typename T>
+__device__ __forceinline__ void wgmma_pv(float (&o)[kD / 2], const uint32_t (&pa)[kBlockN / 16][4], uint32_t v_lo) {
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        const uint64_t db = desc_of(v_lo + ((kk * 16 * 128) >> 4));
+        wgmma::Ops<kD, T>::rs(o, pa[kk], db, 1);
+    }
+    wg_commit();
+}
+
 template <int kD_, int kBlockN_, int kWarpgroups_, typename T_>
 struct Config {
     static constexpr int kD = kD_;
@@ -215,26 +240,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) flash_fwd_sm90
         // S = Q Kᵀ on K stage `stage`: kD / 16 wgmmas of m64 x kBlockN x k16 (not waited for).
         const uint32_t q_lo = desc_lo(warp_uniform(sQ + wg * 64 * 128), 16);
         auto issue_s = [&](int stage) {
-            const uint32_t k_lo = desc_lo(warp_uniform(sK + stage * Cfg::kKVBytes), 16);
-#pragma unroll
-            for (int kk = 0; kk < kD / 16; ++kk) {
-                const uint32_t col = (kk % 4) * 32;  // bytes into the panel's 128-byte rows
-                const uint64_t da = desc_of(q_lo + (((kk / 4) * kBlockM * 128 + col) >> 4));
-                const uint64_t db = desc_of(k_lo + (((kk / 4) * kBlockN * 128 + col) >> 4));
-                wgmma::Ops<kBlockN, T>::ss(s, da, db, kk > 0 ? 1 : 0);
-            }
-            wg_commit();
+            wgmma_qk<kD, kBlockM, kBlockN, T>(s, q_lo, desc_lo(warp_uniform(sK + stage * Cfg::kKVBytes), 16));
         };
-        // O += P V on V stage `stage`: P in the accumulator layout is the register A operand of
-        // m64nNk16 (two n8 tiles of S = one k16 slice), V through an MN-major descriptor.
+        // O += P V on V stage `stage`.
         auto issue_pv = [&](int stage) {
-            const uint32_t v_lo = desc_lo(warp_uniform(sV + stage * Cfg::kKVBytes), kBlockN * 128);
-#pragma unroll
-            for (int kk = 0; kk < kBlockN / 16; ++kk) {
-                const uint64_t db = desc_of(v_lo + ((kk * 16 * 128) >> 4));
-                wgmma::Ops<kD, T>::rs(o, pa[kk], db, 1);
-            }
-            wg_commit();
+            wgmma_pv<kD, kBlockN, T>(o, pa, desc_lo(warp_uniform(sV + stage * Cfg::kKVBytes), kBlockN * 128));
         };
         // Scores of block n -> softmax numerators in s, running max/sum updated; returns through
         // `alphas` the factors O must be scaled by (applied once O is no longer in flight).

@@ -414,24 +414,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
             const uint32_t q_lo = desc_lo(warp_uniform(sQt + wg * 64 * 128), 16);
             auto issue_s = [&](int stage) {
-                const uint32_t k_lo = desc_lo(warp_uniform(sK + stage * Cfg::kKVBytes), 16);
-#pragma unroll
-                for (int kk = 0; kk < kD / 16; ++kk) {
-                    const uint32_t col = (kk % 4) * 32;
-                    const uint64_t da = desc_of(q_lo + (((kk / 4) * kBlockM * 128 + col) >> 4));
-                    const uint64_t db = desc_of(k_lo + (((kk / 4) * kBlockN * 128 + col) >> 4));
-                    wgmma::Ops<kBlockN, T>::ss(s, da, db, kk > 0 ? 1 : 0);
-                }
-                wg_commit();
+                wgmma_qk<kD, kBlockM, kBlockN, T>(s, q_lo, desc_lo(warp_uniform(sK + stage * Cfg::kKVBytes), 16));
             };
             auto issue_pv = [&](int stage) {
-                const uint32_t v_lo = desc_lo(warp_uniform(sV + stage * Cfg::kKVBytes), kBlockN * 128);
-#pragma unroll
-                for (int kk = 0; kk < kBlockN / 16; ++kk) {
-                    const uint64_t db = desc_of(v_lo + ((kk * 16 * 128) >> 4));
-                    wgmma::Ops<kD, T>::rs(o, pa[kk], db, 1);
-                }
-                wg_commit();
+                wgmma_pv<kD, kBlockN, T>(o, pa, desc_lo(warp_uniform(sV + stage * Cfg::kKVBytes), kBlockN * 128));
             };
             auto softmax = [&](int n, int stage, float (&alphas)[2]) -> bool {
                 const int key0 = n * kBlockN;
