@@ -67,6 +67,33 @@ def bound_run(sess, feeds):
     return b, keep
 
 
+def library_for(a, form: str) -> str | None:
+    """The flash-ort library for the forms with com.flash nodes (model_bench.OURS), else none."""
+    return a.library if form in model_bench.OURS else None
+
+
+def profiled_runs(path: str, lib: str | None, feeds, iters: int):
+    """One warm-up and `iters` timed runs with ORT's profiler on: (seconds per run, its events)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = session(path, lib, tmp)
+        b, keep = bound_run(sess, feeds)
+        sess.run_with_iobinding(b)  # warm-up (allocations, autotuning)
+        times = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            sess.run_with_iobinding(b)
+            times.append(time.perf_counter() - t)
+        return times, json.loads(Path(sess.end_profiling()).read_text())
+
+
+def node_times(events):
+    """(provider, op type, host µs) of each node run ORT's profiler recorded."""
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            args = e.get("args", {})
+            yield args.get("provider", "?"), args.get("op_name", "?"), e.get("dur", 0)
+
+
 def forms_of(a):
     doc = json.loads(Path(a.forms).read_text())
     folder = Path(a.forms).parent
@@ -80,30 +107,15 @@ def forms_of(a):
 
 def cmd_nodes(a) -> int:
     for m, f, path, entry in forms_of(a):
-        lib = a.library if f in ("flash", "ort_opt_flash") else None
-        with tempfile.TemporaryDirectory() as tmp:
-            sess = session(path, lib, tmp)
-            feeds = model_bench.make_feeds(entry["inputs"], entry["config"]["vocab_size"], a.batch, a.seq)
-            b, keep = bound_run(sess, feeds)
-            sess.run_with_iobinding(b)  # warm-up (allocations, autotuning)
-            times = []
-            for _ in range(a.iters):
-                t = time.perf_counter()
-                sess.run_with_iobinding(b)
-                times.append(time.perf_counter() - t)
-            prof = sess.end_profiling()
-            events = json.loads(Path(prof).read_text())
+        feeds = model_bench.make_feeds(entry["inputs"], entry["config"]["vocab_size"], a.batch, a.seq)
+        times, events = profiled_runs(path, library_for(a, f), feeds, a.iters)
         runs = a.iters + 1
         per = collections.Counter()
         cpu_us = collections.Counter()
-        for e in events:
-            if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
-                continue
-            args = e.get("args", {})
-            key = (args.get("provider", "?"), args.get("op_name", "?"))
-            per[key] += 1
-            if key[0] == "CPUExecutionProvider":
-                cpu_us[key] += e.get("dur", 0)
+        for prov, op, dur in node_times(events):
+            per[(prov, op)] += 1
+            if prov == "CPUExecutionProvider":
+                cpu_us[(prov, op)] += dur
         print(f"\n## {m} / {f}  B={a.batch} S={a.seq}: median {sorted(times)[len(times) // 2] * 1e3:.2f} ms over {a.iters} runs")
         print("| provider | op | nodes | host us/run (CPU nodes) |\n|---|---|---|---|")
         for (prov, op), n in sorted(per.items(), key=lambda kv: (kv[0][0], -kv[1])):
@@ -119,7 +131,7 @@ def cmd_hostgap(a) -> int:
     runs = {}
     host = {}
     for m, f, path, entry in forms:
-        lib = a.library if f in ("flash", "ort_opt_flash") else None
+        lib = library_for(a, f)
         feeds = model_bench.make_feeds(entry["inputs"], entry["config"]["vocab_size"], a.batch, a.seq)
         for graph in (False, True):
             try:
@@ -130,16 +142,10 @@ def cmd_hostgap(a) -> int:
                 runs[(f, graph)] = (sess, b, keep)
             except Exception as e:  # noqa: BLE001  (a form ORT cannot capture: say so)
                 print(f"{m}/{f} cuda_graph={graph}: {str(e)[:160]}")
-        with tempfile.TemporaryDirectory() as tmp:
-            sess = session(path, lib, tmp)
-            b, keep = bound_run(sess, feeds)
-            for _ in range(1 + a.iters):
-                sess.run_with_iobinding(b)
-            events = json.loads(Path(sess.end_profiling()).read_text())
+        _, events = profiled_runs(path, lib, feeds, a.iters)
         us = collections.Counter()
-        for e in events:
-            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-                us[e.get("args", {}).get("op_name", "?")] += e.get("dur", 0) / (1 + a.iters)
+        for _, op, dur in node_times(events):
+            us[op] += dur / (1 + a.iters)
         host[f] = us
     times = collections.defaultdict(list)
     for _ in range(a.iters):  # interleaved: every form and mode each round
@@ -170,7 +176,7 @@ def cmd_kernels(a) -> int:
             rt = ctypes.CDLL(cand)
             break
     for m, f, path, entry in forms_of(a):
-        sess = session(path, a.library if f in ("flash", "ort_opt_flash") else None)
+        sess = session(path, library_for(a, f))
         feeds = model_bench.make_feeds(entry["inputs"], entry["config"]["vocab_size"], a.batch, a.seq)
         b, keep = bound_run(sess, feeds)
         for _ in range(3):
