@@ -157,9 +157,12 @@ def no_attention_options(model_type: str):
 
 def ort_opt_flash(binary: str, src: Path, mid: Path, dst: Path, rec: dict) -> dict:
     """ORT's transformer optimizer with attention fusion off (LayerNorm/RMSNorm, SkipLayerNorm,
-    BiasGelu, EmbedLayerNorm, bias+skip fusions on), then `flash-ort fuse` on its output. No file
-    when the optimizer fuses nothing (the form would be the `flash` form again) or leaves an
-    attention op of its own."""
+    BiasGelu, EmbedLayerNorm, bias+skip fusions on), then `flash-ort fuse` on its output, then
+    the same optimizer pass once more: what the attention subgraphs hid from the first pass
+    (BERT's EmbedLayerNormalization, whose match wants the embedding output read by the
+    projections and the residual only, not by the mask construction's Shape) fuses now that
+    flash-ort has dropped them. No file when the optimizer fuses nothing (the form would be the
+    `flash` form again) or leaves an attention op of its own."""
     import contextlib
     import io
     import logging
@@ -195,6 +198,9 @@ def ort_opt_flash(binary: str, src: Path, mid: Path, dst: Path, rec: dict) -> di
     del opt
     out["optimizer"]["file"] = mid.name
     fl = flash_fuse(binary, mid, dst)
+    if "error" not in fl:
+        again = ort_optimize_again(dst, model_type, cfg, big)
+        out["optimizer_after_fuse"] = again
     out.update({k: v for k, v in fl.items() if k != "seconds"}, seconds=round(time.time() - t0, 1))
     if "error" not in fl:
         out["file"] = dst.name
@@ -202,6 +208,32 @@ def ort_opt_flash(binary: str, src: Path, mid: Path, dst: Path, rec: dict) -> di
         m = onnx.load(str(dst), load_external_data=False)
         out["ops"] = dict(sorted(Counter(n.op_type for n in m.graph.node if n.op_type != "Constant").items()))
     return out
+
+
+def ort_optimize_again(path: Path, model_type: str, cfg: dict, big: bool) -> dict:
+    """The attention-off optimizer pass over a flash-ort output, kept (in place) when it fuses
+    something more; what it fused, or why not."""
+    import contextlib
+    import io
+
+    import onnx
+    from onnxruntime.transformers import optimizer
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            opt = optimizer.optimize_model(str(path), model_type=model_type, num_heads=cfg["num_attention_heads"],
+                                           hidden_size=cfg["hidden_size"], opt_level=0, use_gpu=False,
+                                           optimization_options=no_attention_options(model_type))
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    before = Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+    after = Counter(n.op_type for n in opt.model.graph.node)
+    new_ops = {op: n - before.get(op, 0) for op, n in after.items() if n > before.get(op, 0) and op != "Constant"}
+    flash = sum(1 for n in opt.model.graph.node if n.domain == "com.flash")
+    if not new_ops or flash != sum(before.get(op, 0) for op in ("FlashAttention",)):
+        return {"fused": {}, "kept": False}
+    opt.save_model_to_file(str(path), use_external_data_format=big, all_tensors_to_one_file=True)
+    return {"fused": new_ops, "kept": True}
 
 
 def parity(folder: Path, entry: dict, provider: str, library: str | None, seq: int = 16) -> dict:

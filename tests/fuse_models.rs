@@ -484,3 +484,103 @@ fn kv_bias_adds_fold_away() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(folded_any > 0, "no model folded anything");
 }
+
+/// TorchScript exports of Hugging Face models spell the key padding mask as an index gather
+/// (`attention_mask[batch_idx, kv_idx]`: Shape, Range, Unsqueeze, Mul, Add, Flatten, Gather,
+/// Reshape). Once fused, each node's mask reads `Unsqueeze(mask)` instead and the gather chain is
+/// gone; parity with padded rows of different lengths (in `every_model_is_fully_fused_with_parity`
+/// and here) shows it is the same mask. Exports that do not gather (dynamo) keep their mask.
+#[test]
+fn gathered_padding_masks_read_the_mask_directly() {
+    let have_ort = verify::runtime::find_ort_library().is_ok();
+    let dir = std::env::temp_dir().join(format!("flash-ort-padmask-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // (file, sites whose mask is read directly): encoder, causal decoders (padding and'ed with
+    // the triangle), GQA, encoder-decoder with cross attention.
+    // One Unsqueeze per distinct gathered mask, shared by the sites reading it (BART: the
+    // encoder's self and cross attention masks, the decoder's).
+    let cases = [
+        ("bert_eager_ts17.onnx", 2, 1),
+        ("gpt2_eager_ts17.onnx", 2, 1),
+        ("llama_gqa_sdpa_ts17.onnx", 2, 1),
+        ("bart_eager_ts17.onnx", 6, 3),
+        ("bert_sdpa_dyn18.onnx", 0, 0),
+    ];
+    for (file, want, masks) in cases {
+        let src = repo().join("models").join(file);
+        let mut loaded = graph::load_model(&src).unwrap();
+        let before = graph::load_model(&src).unwrap().model;
+        let rep = fuse::fuse_model(&mut loaded.model, true);
+        let noted = rep
+            .sites
+            .iter()
+            .filter(|s| {
+                s.summary
+                    .as_ref()
+                    .is_some_and(|x| x.mask.contains("index gather dropped"))
+            })
+            .count();
+        assert_eq!(noted, want, "{file}: {}", rep.human());
+        let g = loaded.model.graph.as_ref().unwrap();
+        let count = |m: &graph::onnx::ModelProto, op: &str| {
+            m.graph
+                .as_ref()
+                .unwrap()
+                .node
+                .iter()
+                .filter(|n| n.op_type.as_deref() == Some(op))
+                .count()
+        };
+        if want == 0 {
+            continue;
+        }
+        assert!(count(&before, "Flatten") > 0, "{file}: no gather to drop");
+        assert_eq!(
+            count(&loaded.model, "Flatten"),
+            0,
+            "{file}: the gather is left"
+        );
+        // The Unsqueeze reads the graph input attention_mask (cast to bool, maybe reshaped).
+        let producer = |t: &str| g.node.iter().find(|n| n.output.iter().any(|o| o == t));
+        let unsq: Vec<_> = g
+            .node
+            .iter()
+            .filter(|n| {
+                n.name
+                    .as_deref()
+                    .is_some_and(|s| s.contains("unsqueeze_node"))
+            })
+            .collect();
+        assert_eq!(unsq.len(), masks, "{file}: Unsqueezes of padding masks");
+        for u in unsq {
+            let mut t = u.input[0].clone();
+            for _ in 0..4 {
+                match producer(&t) {
+                    Some(p) if matches!(p.op_type.as_deref(), Some("Cast" | "Reshape")) => {
+                        t = p.input[0].clone()
+                    }
+                    _ => break,
+                }
+            }
+            // A graph input mask, or the all-ones mask BART's decoder builds when it has none.
+            let input_mask = g
+                .input
+                .iter()
+                .any(|i| i.name.as_deref() == Some(t.as_str()))
+                && t.contains("mask");
+            let ones =
+                producer(&t).is_some_and(|p| p.op_type.as_deref() == Some("ConstantOfShape"));
+            assert!(
+                input_mask || ones,
+                "{file}: the Unsqueeze reads {t}, not a graph input mask"
+            );
+        }
+        if have_ort {
+            let out = dir.join(file);
+            graph::save_model(&loaded.model, &out, &loaded).unwrap();
+            let r = verify::verify(&src, &out, &verify::Options::default()).unwrap();
+            assert!(r.ok, "{file}: {}", r.human());
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

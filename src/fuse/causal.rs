@@ -260,7 +260,7 @@ pub fn shrink_float(
 }
 
 /// `Range(0, n, 1)` moved by Unsqueezes (and int Casts): (rank, axis, n).
-fn arange_axis(v: &GraphView, t: &str, depth: usize) -> Option<(usize, usize, Dim)> {
+pub(super) fn arange_axis(v: &GraphView, t: &str, depth: usize) -> Option<(usize, usize, Dim)> {
     let n = v.node(v.producer(t)?);
     if depth == 0 {
         return None;

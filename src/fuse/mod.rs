@@ -9,6 +9,7 @@ pub mod gqa;
 pub mod layout;
 pub mod mask;
 pub mod pack_qkv;
+pub mod padding_mask;
 pub mod plan;
 pub mod reason;
 pub mod report;
@@ -200,6 +201,13 @@ fn fuse_graph(
             let plans: Vec<plan::Plan> = folded.into_iter().map(|f| f.plan).collect();
             rewrite::apply(g, &plans);
         }
+        let rewires = padding_mask::plans(&GraphView::new(g, outer));
+        for r in &rewires {
+            for node in &r.nodes {
+                report.note_mask(path, node, &r.note);
+            }
+        }
+        padding_mask::apply(g, &rewires, opset);
         if opts.fold_bias {
             let folds = bias_fold::plans(&GraphView::new(g, outer));
             for f in &folds {

@@ -91,6 +91,13 @@ impl Report {
         }
     }
 
+    /// Adds `note` to the mask description of fused node `node` of `graph`.
+    pub fn note_mask(&mut self, graph: &str, node: &str, note: &str) {
+        if let Some(summary) = self.site_of(graph, node).and_then(|s| s.summary.as_mut()) {
+            summary.mask = format!("{}; {note}", summary.mask);
+        }
+    }
+
     /// Records that fused node `node` of `graph` reads Q, K and V from one packed MatMul.
     pub fn note_packed(&mut self, graph: &str, node: &str, note: &str) {
         let pack = QkvPack {

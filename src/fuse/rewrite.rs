@@ -64,8 +64,14 @@ pub fn apply(g: &mut GraphProto, plans: &[Plan]) {
             g.node.push(n);
         }
     }
+    remove_dead(g, candidates);
+}
+
+/// Dead-code removal limited to `candidates` (tensors that removed or rewired nodes read) and,
+/// transitively, what the nodes removed here read; then the initializers and value_info entries
+/// nothing refers to any more.
+pub(super) fn remove_dead(g: &mut GraphProto, mut candidates: HashSet<String>) {
     let outputs: HashSet<String> = g.output.iter().filter_map(|o| o.name.clone()).collect();
-    // Dead-code removal limited to what the removed nodes read, transitively.
     loop {
         let mut used = HashSet::new();
         for n in &g.node {
