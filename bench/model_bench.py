@@ -821,6 +821,8 @@ def markdown(res: dict) -> str:
     lines = [f"Device: {meta.get('gpu') or meta.get('cpu')}; onnxruntime {meta.get('onnxruntime')}; "
              f"provider {meta['provider']}; {meta['date_utc']} UTC"
              + (f"; arena limit {meta['gpu_mem_limit_gb']} GiB" if meta.get("gpu_mem_limit_gb") else ""), ""]
+    if meta.get("note"):
+        lines += [meta["note"], ""]
     idx = {(p["model"], p["form"], p["batch"], p["seq"]): p for p in res["points"]}
     for m, info in res["models"].items():
         forms = [f for f in FORMS if f in {p["form"] for p in res["points"] if p["model"] == m}]
@@ -837,6 +839,9 @@ def markdown(res: dict) -> str:
         if ops:
             fused += (f"; ort_opt_flash: ORT ({of['optimizer']['model_type']}, attention off) fused "
                       + ", ".join(f"{v} {k}" for k, v in ops.items()))
+            again = (of.get("optimizer_after_fuse") or {}).get("fused")
+            if again:
+                fused += ", then after flash-ort " + ", ".join(f"{v} {k}" for k, v in again.items())
         if of.get("skipped") or of.get("error"):
             fused += f"; no ort_opt_flash form: {of.get('skipped') or of.get('error')}"
         lines += [f"### {m}", "",
