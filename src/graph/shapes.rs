@@ -491,6 +491,7 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
         | "Floor"
         | "Ceil"
         | "Trilu"
+        | "CumSum"
         | "Dropout"
         | "LayerNormalization"
         | "Gelu"
@@ -927,6 +928,11 @@ fn infer_node(n: &NodeProto, infos: &mut Infos) {
                     scalar: None,
                 },
             );
+        }
+        // The output has the indices' shape and the data's type.
+        "GatherElements" => {
+            let idx = get(infos, 1);
+            set(infos, &out0, Info::typed(x.elem, idx.dims.clone()));
         }
         "Slice" => {
             let params = slice_params(n, infos);
