@@ -48,6 +48,19 @@ inline bool decode_on_sm90(int d_padded, bool softcap, bool key_mask_only) {
     return (d_padded == 64 || d_padded == 128) && !softcap && key_mask_only && hopper_ws_enabled();
 }
 
+// Prefill calls (more than kSmallRows rows) that run the warp-specialized Hopper kernel, the
+// same conditions as decode: 128-key blocks, one CTA per SM, and 192 rows (three consumer
+// warpgroups) at D = 64 except short causal rows (bottom-right window, at most 1024 queries),
+// 128 rows (two) otherwise. The split-KV plan and the launcher (run_fwd) both ask these.
+constexpr int kSm90BlockN = 128;
+inline bool prefill_on_sm90(int d_padded, bool softcap, bool key_mask_only) {
+    return decode_on_sm90(d_padded, softcap, key_mask_only);
+}
+constexpr bool sm90_short_causal(int64_t window_right, int64_t q_len) { return window_right >= 0 && q_len <= 1024; }
+constexpr int sm90_prefill_rows(int d_padded, bool short_causal) {
+    return d_padded == 64 && !short_causal ? 192 : 128;
+}
+
 // Shared memory of one CTA: Q tile plus `stages` K and V tiles, rows padded by 8 elements.
 constexpr int fwd_smem_bytes(int d_padded, TileShape t) {
     return (t.block_m + 2 * t.stages * t.block_n) * (d_padded + 8) * 2;

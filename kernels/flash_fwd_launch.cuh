@@ -269,7 +269,11 @@ void run_fwd(const FwdParams& p, cudaStream_t stream) {
                 // the 192-row tiles leave too few CTAs (176 against 206 at 1k).
                 using TwoWg = sm90::WsConfig<kD, 128, 2, 2, true, T>;
                 using ThreeWg = sm90::WsConfig<kD, 128, 3, 2, false, T>;
-                const bool short_causal = p.window_right >= 0 && p.q_len <= 1024;
+                const bool short_causal = sm90_short_causal(p.window_right, p.q_len);
+                static_assert((kD != 64 || sm90_prefill_rows(kD, false) == ThreeWg::kBlockM) &&
+                                      sm90_prefill_rows(kD, true) == TwoWg::kBlockM &&
+                                      TwoWg::kBlockN == kSm90BlockN && ThreeWg::kBlockN == kSm90BlockN,
+                              "the split-KV plan (cpp/bridge.cc) assumes these tiles");
                 bool launched = false;
 #ifdef FLASH_ORT_TILE_EXPERIMENT
                 static const int cfg = env_int("FLASH_ORT_WS_CFG", 0);
