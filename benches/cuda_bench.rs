@@ -156,6 +156,72 @@ fn main() {
                 }
             }
         }
+        // FLASH_ORT_BENCH=shapes: small calls as models make them, one layer each:
+        // FLASH_ORT_BENCH_SHAPES="BxHxSxD,…" ([B, S, H·D] inputs, 3D as a fused BERT reads its
+        // projections; default BERT-base at B = 1 and 8, S = 128 and 512), with the float
+        // key-padding mask when FLASH_ORT_BENCH_MASK=1. Microseconds per call over 50 calls in
+        // a row (launch gaps included, as in a model) and of a call alone.
+        if filter == "shapes" {
+            let spec = std::env::var("FLASH_ORT_BENCH_SHAPES")
+                .unwrap_or_else(|_| "1x12x128x64,8x12x128x64,1x12x512x64,8x12x512x64".into());
+            for item in spec.split(',') {
+                let dims: Vec<usize> = item
+                    .split('x')
+                    .filter_map(|x| x.trim().parse().ok())
+                    .collect();
+                let [b, h, seq, d] = dims[..] else {
+                    eprintln!("FLASH_ORT_BENCH_SHAPES: '{item}' is not BxHxSxD");
+                    continue;
+                };
+                if b * seq * h * d > n || b * seq > tokens {
+                    eprintln!("{item}: larger than the bench's buffers");
+                    continue;
+                }
+                let desc = TensorDesc::new(elem(dtype), &[b as i64, seq as i64, (h * d) as i64]);
+                let inputs = InputDescs {
+                    q: Some(desc.clone()),
+                    k: Some(desc.clone()),
+                    v: Some(desc),
+                    attn_mask: with_mask
+                        .then(|| TensorDesc::new(elem(dtype), &[b as i64, 1, 1, seq as i64])),
+                    ..Default::default()
+                };
+                let attrs = AttentionAttrs {
+                    q_num_heads: Some(h),
+                    kv_num_heads: Some(h),
+                    ..Default::default()
+                };
+                let p = attention::validate(&attrs, &inputs).unwrap();
+                let (splits, sb) = cuda::plan(&p, 0).unwrap();
+                let scratch = s.clone_htod(&vec![0u8; sb.max(16)]).unwrap();
+                let ptrs = DevicePtrs {
+                    q: ptr(&q),
+                    k: ptr(&k),
+                    v: ptr(&v),
+                    mask: if with_mask { ptr(&zero_mask) } else { 0 },
+                    nonpad_kv_seqlen: 0,
+                    out: ptr(&out),
+                };
+                let mut call = || {
+                    cuda::launch(
+                        &p,
+                        p.k_strides,
+                        p.v_strides,
+                        &ptrs,
+                        ptr(&scratch),
+                        sb,
+                        stream,
+                        0,
+                    )
+                    .unwrap()
+                };
+                let one = time_ms(&g, 5, 50, &mut call) * 1e3;
+                let row = time_ms(&g, 2, 10, || (0..50).for_each(|_| call())) * 1e3 / 50.0;
+                println!(
+                    "{{\"kind\":\"shape\",\"dtype\":\"{name}\",\"b\":{b},\"h\":{h},\"s\":{seq},\"d\":{d},\"mask\":{with_mask},\"splits\":{splits},\"us_alone\":{one:.2},\"us_in_a_row\":{row:.2}}}"
+                );
+            }
+        }
         drop((q, k, v, out));
         if filter.is_empty() || filter == "decode" {
             let (hq, hkv, d) = (32usize, 8usize, 128usize);
