@@ -22,7 +22,7 @@
 #      sdpa) in float16, in the background, while 2. the MiniLM check (CUDA, fp32 and fp16) and
 #      3. the quick reliability checks (8 threads, CUDA graph, bad inputs) on the fused MiniLM run;
 #   4. forms and their parity with the unfused export: BERT-base — flash-ort; ORT's optimizer
-#      (ort_opt); ORT's optimizer with attention fusion off, then flash-ort (ort_opt_flash).
+#      (ort_opt); ORT's optimizer with attention fusion off, flash-ort, the same pass again (ort_opt_flash).
 #      LLaMA — flash-ort (ORT's optimizer fuses nothing in the float16 export, attention or not:
 #      its RMSNorm fusion does not match the Cast-wrapped RMSNorm; stage 10 checks the real export);
 #   5. the headline, S = 2048, batch 1 and 8: BERT unfused / ort_opt / flash /
