@@ -587,3 +587,51 @@ fn gathered_padding_masks_read_the_mask_directly() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The same gather with a stride of 0 instead of S (`attention_mask.flatten()[0·b + j]`: every
+/// batch row reads row 0's mask) is not a padding mask of each row: it must stay as it is, and
+/// the fused model must still match the original with rows padded differently.
+#[test]
+fn a_gather_that_is_not_the_rows_mask_stays() {
+    let src = repo().join("models/bert_eager_ts17.onnx");
+    let mut loaded = graph::load_model(&src).unwrap();
+    let g = loaded.model.graph.as_mut().unwrap();
+    let mul = g
+        .node
+        .iter_mut()
+        .find(|n| n.name.as_deref() == Some("/model/Mul"))
+        .expect("the b·S product of the mask gather");
+    assert_eq!(mul.input[1], "/model/Gather_3_output_0", "export changed");
+    mul.input[1] = "zero_stride".into();
+    g.initializer
+        .push(graph::tensor::int64_tensor("zero_stride", &[1], &[0]));
+    let dir = std::env::temp_dir().join(format!("flash-ort-padneg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let changed = dir.join("changed.onnx");
+    graph::save_model(&loaded.model, &changed, &loaded).unwrap();
+    let rep = fuse::fuse_model(&mut loaded.model, true);
+    assert_eq!(rep.fused, 2, "{}", rep.human());
+    assert!(
+        rep.sites.iter().all(|s| s
+            .summary
+            .as_ref()
+            .is_some_and(|x| !x.mask.contains("index gather dropped"))),
+        "{}",
+        rep.human()
+    );
+    let flatten = loaded.model.graph.as_ref().unwrap().node.iter();
+    assert_eq!(
+        flatten
+            .filter(|n| n.op_type.as_deref() == Some("Flatten"))
+            .count(),
+        1,
+        "the gather must stay"
+    );
+    if verify::runtime::find_ort_library().is_ok() {
+        let out = dir.join("fused.onnx");
+        graph::save_model(&loaded.model, &out, &loaded).unwrap();
+        let r = verify::verify(&changed, &out, &verify::Options::default()).unwrap();
+        assert!(r.ok, "{}", r.human());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
