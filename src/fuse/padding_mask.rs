@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use super::causal::arange_axis;
 use super::plan::{self, is_flash, Names};
-use crate::graph::onnx::{tensor_proto::DataType, AttributeProto, GraphProto, NodeProto};
+use crate::graph::onnx::{tensor_proto::DataType, GraphProto, NodeProto};
 use crate::graph::shapes::Dim;
 use crate::graph::view::{attr_i, is_op, node_label, GraphView};
 
@@ -193,22 +193,8 @@ pub fn apply(g: &mut GraphProto, rewires: &[Rewire], opset: i64) {
         let nm = names.fresh(&format!("{}/unsqueeze_node", r.mask));
         let mut nodes = Vec::new();
         let (inputs, attrs) = if opset >= 13 {
-            let axes = names.fresh(&format!("{}/unsqueeze_axes", r.mask));
-            let t = crate::graph::tensor::int64_tensor(&axes, &[r.axes.len() as i64], &r.axes);
-            let value = AttributeProto {
-                name: Some("value".into()),
-                r#type: Some(crate::graph::onnx::attribute_proto::AttributeType::Tensor as i32),
-                t: Some(t),
-                ..Default::default()
-            };
-            let cn = names.fresh(&format!("{axes}_node"));
-            nodes.push(plan::node(
-                "Constant",
-                cn,
-                vec![],
-                vec![axes.clone()],
-                vec![value],
-            ));
+            let t = crate::graph::tensor::int64_tensor("", &[r.axes.len() as i64], &r.axes);
+            let axes = plan::constant(&mut names, &mut nodes, &r.mask, "unsqueeze_axes", t);
             (vec![r.mask.clone(), axes], vec![])
         } else {
             (vec![r.mask.clone()], vec![plan::attr_ints("axes", &r.axes)])

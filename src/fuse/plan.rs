@@ -151,6 +151,27 @@ pub fn flash_node(
     n
 }
 
+/// A Constant node holding `t` (renamed `{site}/{tag}`, made unique); returns its output.
+pub fn constant(
+    names: &mut Names,
+    nodes: &mut Vec<NodeProto>,
+    site: &str,
+    tag: &str,
+    mut t: crate::graph::onnx::TensorProto,
+) -> String {
+    let out = names.fresh(&format!("{site}/{tag}"));
+    t.name = Some(out.clone());
+    let value = AttributeProto {
+        name: Some("value".into()),
+        r#type: Some(AttributeType::Tensor as i32),
+        t: Some(t),
+        ..Default::default()
+    };
+    let nm = names.fresh(&format!("{site}/{tag}_node"));
+    nodes.push(node("Constant", nm, vec![], vec![out.clone()], vec![value]));
+    out
+}
+
 /// Unsqueeze/Squeeze at axis 0 in the spelling the opset wants (an `axes` input from 13, an
 /// attribute before), sharing one constant per site.
 pub struct Axes {
@@ -162,17 +183,10 @@ impl Axes {
         if opset < 13 {
             return Axes { input: None };
         }
-        let out = names.fresh(&format!("{site}/axis0"));
-        let t = crate::graph::tensor::int64_tensor(&out, &[1], &[0]);
-        let value = AttributeProto {
-            name: Some("value".into()),
-            r#type: Some(AttributeType::Tensor as i32),
-            t: Some(t),
-            ..Default::default()
-        };
-        let nm = names.fresh(&format!("{site}/axis0_node"));
-        nodes.push(node("Constant", nm, vec![], vec![out.clone()], vec![value]));
-        Axes { input: Some(out) }
+        let t = crate::graph::tensor::int64_tensor("", &[1], &[0]);
+        Axes {
+            input: Some(constant(names, nodes, site, "axis0", t)),
+        }
     }
 
     /// `op(x, axes=[0])` into a new tensor; returns its name.

@@ -206,7 +206,7 @@ fn fill_gaps(
         let mut t = tensor::int64_tensor("", &[1], &[]);
         t.data_type = Some(DataType::Bool as i32);
         t.int32_data = vec![1];
-        inputs[3] = constant(names, nodes, site, "all_true_mask", t);
+        inputs[3] = plan::constant(names, nodes, site, "all_true_mask", t);
     }
     if inputs.len() > 6 && inputs[4].is_empty() && inputs[5].is_empty() {
         for k in [1, 2] {
@@ -221,33 +221,6 @@ fn fill_gaps(
         ));
     }
     Ok(())
-}
-
-/// A Constant node holding `t`; returns its output.
-fn constant(
-    names: &mut Names,
-    nodes: &mut Vec<NodeProto>,
-    site: &str,
-    tag: &str,
-    mut t: crate::graph::onnx::TensorProto,
-) -> String {
-    let out = names.fresh(&format!("{site}/{tag}"));
-    t.name = Some(out.clone());
-    let value = crate::graph::onnx::AttributeProto {
-        name: Some("value".into()),
-        r#type: Some(crate::graph::onnx::attribute_proto::AttributeType::Tensor as i32),
-        t: Some(t),
-        ..Default::default()
-    };
-    let nm = names.fresh(&format!("{site}/{tag}_node"));
-    nodes.push(plan::node(
-        "Constant",
-        nm,
-        vec![],
-        vec![out.clone()],
-        vec![value],
-    ));
-    out
 }
 
 /// `[B, Hkv, 0, D]` from K or V (4D: a Slice of no positions; 3D [B, S, Hkv·D]: that Slice
@@ -271,7 +244,7 @@ fn empty_past(
     };
     let mut ints = |tag: &str, vals: &[i64]| {
         let t = tensor::int64_tensor("", &[vals.len() as i64], vals);
-        constant(names, nodes, site, tag, t)
+        plan::constant(names, nodes, site, tag, t)
     };
     let (zero, ax) = (ints("zero", &[0]), ints("seq_axis", &[axis]));
     let sliced = names.fresh(&format!("{site}/empty_past"));
@@ -302,7 +275,7 @@ fn empty_past(
     }
     let shape = {
         let t = tensor::int64_tensor("", &[4], &[0, 0, h, hd / h]);
-        constant(names, nodes, site, "past_shape", t)
+        plan::constant(names, nodes, site, "past_shape", t)
     };
     let split = names.fresh(&format!("{site}/empty_past_bshd"));
     let nm = names.fresh(&format!("{site}/empty_past_reshape"));
