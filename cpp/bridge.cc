@@ -102,40 +102,42 @@ Layout plan(const AttnArgs& a) {
         a.mask_kind == kMaskNone || (a.mask_strides[1] == 0 && a.mask_strides[2] == 0);
     const bool sm90_decode =
         m_rows <= kSmallRows && decode_on_sm90(l.d_pad, a.softcap != 0.f, key_mask_only);
-    const TileShape tile = sm90_decode ? kSm90DecodeTile : fwd_tile(l.d_pad, m_rows <= kSmallRows);
-    const int64_t m_blocks = (m_rows + tile.block_m - 1) / tile.block_m;
-    const int64_t n_blocks = (a.kv_len + tile.block_n - 1) / tile.block_n;
-    const int64_t ctas = m_blocks * a.batch * a.kv_heads;
-    // Split the KV axis (flash-decoding) when the grid would leave SMs idle: fill one wave of
-    // resident CTAs (limited by shared memory and registers, assuming 255 registers a thread),
-    // no more -- a second, partial wave costed ~25% in decode (H200) -- with >= 2 KV blocks each.
-    const int64_t smem = fwd_smem_bytes(l.d_pad, tile) + 1024;  // + the per-CTA reservation
-    const int64_t by_smem = a.smem_per_sm > 0 ? a.smem_per_sm / smem : 1;
-    const int64_t by_regs = 65536 / (32LL * tile.warps * 256);
-    // The Hopper decode kernel holds 128 KB of K/V stages and up to 255 registers a thread: one a SM.
-    const int64_t per_sm =
-        sm90_decode ? 1 : std::max<int64_t>(1, std::min({by_smem, by_regs, (int64_t)32}));
-    const int64_t resident = per_sm * std::max(1, a.sm_count);
-    int64_t splits = 1;
-    if (ctas > 0 && ctas * 10 < resident * 8 && n_blocks >= 4) {
-        splits = std::min<int64_t>({resident / ctas, n_blocks / 2, 128});
-        splits = std::max<int64_t>(splits, 1);
-    }
     const bool sm90_prefill =
         m_rows > kSmallRows && prefill_on_sm90(l.d_pad, a.softcap != 0.f, key_mask_only);
-    if (sm90_prefill) {
-        // The warp-specialized Hopper kernel: its own tile, one CTA per SM, and only splits that
-        // each bring 4 or more key blocks (512 keys), so the combine pays for itself. Planned with
-        // the mma.sync tile above, BERT-base at B = 1, S = 512 (36 CTAs of 192 rows) ran 4 splits
-        // and their combine in 34 us a layer against 14 for cuDNN (H200, 2026-11-22).
-        const int64_t bm = sm90_prefill_rows(l.d_pad, sm90_short_causal(a.window_right, a.q_len));
-        const int64_t ws_ctas = (m_rows + bm - 1) / bm * a.batch * a.kv_heads;
-        const int64_t ws_blocks = (a.kv_len + kSm90BlockN - 1) / kSm90BlockN;
-        const int64_t sms = std::max(1, a.sm_count);
-        splits = 1;
-        if (ws_ctas > 0 && ws_ctas * 10 < sms * 8 && ws_blocks >= 8) {
-            splits = std::max<int64_t>(1, std::min<int64_t>({sms / ws_ctas, ws_blocks / 4, 128}));
-        }
+    // Split the KV axis (flash-decoding) when the grid would leave SMs idle: fill one wave of
+    // resident CTAs, no more -- a second, partial wave costed ~25% in decode (H200) -- with at
+    // least `min_blocks` KV blocks a split. Sized with the tile of the kernel that will run.
+    int64_t block_m, block_n, per_sm, min_blocks = 2;
+    if (sm90_decode || sm90_prefill) {
+        // The warp-specialized Hopper kernel: one CTA per SM (128 KB of K/V stages, up to 255
+        // registers a thread). In prefill only splits of 4+ key blocks (512 keys) pay for their
+        // combine: planned with the mma.sync tile, BERT-base at B = 1, S = 512 (36 CTAs of 192
+        // rows) ran 4 splits and their combine in 34 us a layer against 14 for cuDNN (H200,
+        // 2026-11-22).
+        block_m = sm90_decode ? kSm90DecodeTile.block_m
+                              : sm90_prefill_rows(l.d_pad, sm90_short_causal(a.window_right, a.q_len));
+        block_n = sm90_decode ? kSm90DecodeTile.block_n : kSm90BlockN;
+        per_sm = 1;
+        if (sm90_prefill) min_blocks = 4;
+    } else {
+        // The mma.sync kernel: resident CTAs limited by shared memory and registers (assuming
+        // 255 registers a thread).
+        const TileShape tile = fwd_tile(l.d_pad, m_rows <= kSmallRows);
+        block_m = tile.block_m;
+        block_n = tile.block_n;
+        const int64_t smem = fwd_smem_bytes(l.d_pad, tile) + 1024;  // + the per-CTA reservation
+        const int64_t by_smem = a.smem_per_sm > 0 ? a.smem_per_sm / smem : 1;
+        const int64_t by_regs = 65536 / (32LL * tile.warps * 256);
+        per_sm = std::max<int64_t>(1, std::min({by_smem, by_regs, (int64_t)32}));
+    }
+    const int64_t m_blocks = (m_rows + block_m - 1) / block_m;
+    const int64_t n_blocks = (a.kv_len + block_n - 1) / block_n;
+    const int64_t ctas = m_blocks * a.batch * a.kv_heads;
+    const int64_t resident = per_sm * std::max(1, a.sm_count);
+    int64_t splits = 1;
+    if (ctas > 0 && ctas * 10 < resident * 8 && n_blocks >= 2 * min_blocks) {
+        splits = std::min<int64_t>({resident / ctas, n_blocks / min_blocks, 128});
+        splits = std::max<int64_t>(splits, 1);
     }
     l.num_splits = (int)splits;
     l.accum = splits > 1 || a.dtype == kF32;
