@@ -155,6 +155,19 @@ def no_attention_options(model_type: str):
     return o
 
 
+def optimize_without_attention(path: Path, model_type: str, cfg: dict):
+    """ORT's transformer optimizer over `path` with `no_attention_options` (its output quiet)."""
+    import contextlib
+    import io
+
+    from onnxruntime.transformers import optimizer
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return optimizer.optimize_model(str(path), model_type=model_type, num_heads=cfg["num_attention_heads"],
+                                        hidden_size=cfg["hidden_size"], opt_level=0, use_gpu=False,
+                                        optimization_options=no_attention_options(model_type))
+
+
 def ort_opt_flash(binary: str, src: Path, mid: Path, dst: Path, rec: dict) -> dict:
     """ORT's transformer optimizer with attention fusion off (LayerNorm/RMSNorm, SkipLayerNorm,
     BiasGelu, EmbedLayerNorm, bias+skip fusions on), then `flash-ort fuse` on its output, then
@@ -163,12 +176,9 @@ def ort_opt_flash(binary: str, src: Path, mid: Path, dst: Path, rec: dict) -> di
     projections and the residual only, not by the mask construction's Shape) fuses now that
     flash-ort has dropped them. No file when the optimizer fuses nothing (the form would be the
     `flash` form again) or leaves an attention op of its own."""
-    import contextlib
-    import io
     import logging
 
     import onnx
-    from onnxruntime.transformers import optimizer
 
     logging.disable(logging.WARNING)
     cfg = rec["config"]
@@ -176,10 +186,7 @@ def ort_opt_flash(binary: str, src: Path, mid: Path, dst: Path, rec: dict) -> di
     out = {"optimizer": {"model_type": model_type}}
     t0 = time.time()
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            opt = optimizer.optimize_model(str(src), model_type=model_type, num_heads=cfg["num_attention_heads"],
-                                           hidden_size=cfg["hidden_size"], opt_level=0, use_gpu=False,
-                                           optimization_options=no_attention_options(model_type))
+        opt = optimize_without_attention(src, model_type, cfg)
     except Exception as e:
         out["error"] = f"ORT optimizer ({model_type}, attention off): {type(e).__name__}: {str(e)[:300]}"
         return out
@@ -199,8 +206,7 @@ def ort_opt_flash(binary: str, src: Path, mid: Path, dst: Path, rec: dict) -> di
     out["optimizer"]["file"] = mid.name
     fl = flash_fuse(binary, mid, dst)
     if "error" not in fl:
-        again = ort_optimize_again(dst, model_type, cfg, big)
-        out["optimizer_after_fuse"] = again
+        out["optimizer_after_fuse"] = ort_optimize_again(dst, model_type, cfg, big)
     out.update({k: v for k, v in fl.items() if k != "seconds"}, seconds=round(time.time() - t0, 1))
     if "error" not in fl:
         out["file"] = dst.name
@@ -213,24 +219,17 @@ def ort_opt_flash(binary: str, src: Path, mid: Path, dst: Path, rec: dict) -> di
 def ort_optimize_again(path: Path, model_type: str, cfg: dict, big: bool) -> dict:
     """The attention-off optimizer pass over a flash-ort output, kept (in place) when it fuses
     something more; what it fused, or why not."""
-    import contextlib
-    import io
-
     import onnx
-    from onnxruntime.transformers import optimizer
 
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            opt = optimizer.optimize_model(str(path), model_type=model_type, num_heads=cfg["num_attention_heads"],
-                                           hidden_size=cfg["hidden_size"], opt_level=0, use_gpu=False,
-                                           optimization_options=no_attention_options(model_type))
+        opt = optimize_without_attention(path, model_type, cfg)
     except Exception as e:
         return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     before = Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
     after = Counter(n.op_type for n in opt.model.graph.node)
     new_ops = {op: n - before.get(op, 0) for op, n in after.items() if n > before.get(op, 0) and op != "Constant"}
     flash = sum(1 for n in opt.model.graph.node if n.domain == "com.flash")
-    if not new_ops or flash != sum(before.get(op, 0) for op in ("FlashAttention",)):
+    if not new_ops or flash != before.get("FlashAttention", 0):
         return {"fused": {}, "kept": False}
     opt.save_model_to_file(str(path), use_external_data_format=big, all_tensors_to_one_file=True)
     return {"fused": new_ops, "kept": True}
