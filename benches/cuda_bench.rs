@@ -11,7 +11,9 @@ mod cuda_common;
 
 use cuda_common::*;
 use cudarc::driver::{CudaSlice, DevicePtr};
-use flash_ort::attention::{self, AttentionAttrs, DType, ElemType, InputDescs, TensorDesc};
+use flash_ort::attention::{
+    self, AttentionAttrs, AttentionProblem, DType, ElemType, InputDescs, TensorDesc,
+};
 use flash_ort::cuda::{self, DevicePtrs};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -56,11 +58,54 @@ fn elem(d: DType) -> ElemType {
     }
 }
 
+/// A validated problem with its scratch buffer, launched on device 0 by [`Call::run`].
+struct Call {
+    p: AttentionProblem,
+    splits: usize,
+    scratch_len: usize,
+    scratch: CudaSlice<u8>,
+    ptrs: DevicePtrs,
+}
+
+impl Call {
+    fn new(g: &Gpu, attrs: &AttentionAttrs, inputs: &InputDescs, ptrs: DevicePtrs) -> Self {
+        let p = attention::validate(attrs, inputs).unwrap();
+        let (splits, scratch_len) = cuda::plan(&p, 0).unwrap();
+        let scratch = g
+            .stream
+            .clone_htod(&vec![0u8; scratch_len.max(16)])
+            .unwrap();
+        Call {
+            p,
+            splits,
+            scratch_len,
+            scratch,
+            ptrs,
+        }
+    }
+
+    fn run(&self, g: &Gpu) {
+        let stream = g.stream.cu_stream() as *mut std::ffi::c_void;
+        let scratch = self.scratch.device_ptr(&g.stream).0;
+        let p = &self.p;
+        cuda::launch(
+            p,
+            p.k_strides,
+            p.v_strides,
+            &self.ptrs,
+            scratch,
+            self.scratch_len,
+            stream,
+            0,
+        )
+        .unwrap()
+    }
+}
+
 fn main() {
     let Some(g) = gpu() else { return };
     let mut rng = StdRng::seed_from_u64(1);
     let s = g.stream.clone();
-    let stream = s.cu_stream() as *mut std::ffi::c_void;
     let tokens = 16384usize;
     let hidden = 2048usize;
     let filter = std::env::var("FLASH_ORT_BENCH").unwrap_or_default();
@@ -120,9 +165,6 @@ fn main() {
                             is_causal: causal,
                             ..Default::default()
                         };
-                        let p = attention::validate(&attrs, &inputs).unwrap();
-                        let sb = cuda::scratch_bytes(&p, 0).unwrap();
-                        let scratch = s.clone_htod(&vec![0u8; sb.max(16)]).unwrap();
                         let ptrs = DevicePtrs {
                             q: ptr(&q),
                             k: ptr(&k),
@@ -131,19 +173,8 @@ fn main() {
                             nonpad_kv_seqlen: 0,
                             out: ptr(&out),
                         };
-                        let mut call = || {
-                            cuda::launch(
-                                &p,
-                                p.k_strides,
-                                p.v_strides,
-                                &ptrs,
-                                ptr(&scratch),
-                                sb,
-                                stream,
-                                0,
-                            )
-                            .unwrap()
-                        };
+                        let c = Call::new(&g, &attrs, &inputs, ptrs);
+                        let mut call = || c.run(&g);
                         let ms = time_ms(&g, 3, 20, &mut call);
                         let flops =
                             4.0 * (b * h * seq * seq * d) as f64 / if causal { 2.0 } else { 1.0 };
@@ -191,9 +222,6 @@ fn main() {
                     kv_num_heads: Some(h),
                     ..Default::default()
                 };
-                let p = attention::validate(&attrs, &inputs).unwrap();
-                let (splits, sb) = cuda::plan(&p, 0).unwrap();
-                let scratch = s.clone_htod(&vec![0u8; sb.max(16)]).unwrap();
                 let ptrs = DevicePtrs {
                     q: ptr(&q),
                     k: ptr(&k),
@@ -202,19 +230,9 @@ fn main() {
                     nonpad_kv_seqlen: 0,
                     out: ptr(&out),
                 };
-                let mut call = || {
-                    cuda::launch(
-                        &p,
-                        p.k_strides,
-                        p.v_strides,
-                        &ptrs,
-                        ptr(&scratch),
-                        sb,
-                        stream,
-                        0,
-                    )
-                    .unwrap()
-                };
+                let c = Call::new(&g, &attrs, &inputs, ptrs);
+                let splits = c.splits;
+                let mut call = || c.run(&g);
                 let one = time_ms(&g, 5, 50, &mut call) * 1e3;
                 let row = time_ms(&g, 2, 10, || (0..50).for_each(|_| call())) * 1e3 / 50.0;
                 println!(
@@ -245,9 +263,6 @@ fn main() {
                         )),
                         ..Default::default()
                     };
-                    let p = attention::validate(&AttentionAttrs::default(), &inputs).unwrap();
-                    let (splits, sb) = cuda::plan(&p, 0).unwrap();
-                    let scratch = s.clone_htod(&vec![0u8; sb.max(16)]).unwrap();
                     let ptrs = DevicePtrs {
                         q: ptr(&qd),
                         k: ptr(&kd),
@@ -256,19 +271,9 @@ fn main() {
                         nonpad_kv_seqlen: 0,
                         out: ptr(&od),
                     };
-                    let mut call = || {
-                        cuda::launch(
-                            &p,
-                            p.k_strides,
-                            p.v_strides,
-                            &ptrs,
-                            ptr(&scratch),
-                            sb,
-                            stream,
-                            0,
-                        )
-                        .unwrap()
-                    };
+                    let c = Call::new(&g, &AttentionAttrs::default(), &inputs, ptrs);
+                    let splits = c.splits;
+                    let mut call = || c.run(&g);
                     let ms = time_ms(&g, 5, 50, &mut call);
                     let bytes = 2.0 * (b * hkv * skv * d * 2) as f64;
                     println!(
