@@ -323,16 +323,24 @@ fn merged_heads_read_elsewhere_keep_the_4d_layout() {
         .starts_with("BSD"));
 }
 
+/// Nodes of type `op` in the main graph.
+fn op_count(m: &graph::onnx::ModelProto, op: &str) -> usize {
+    m.graph
+        .as_ref()
+        .unwrap()
+        .node
+        .iter()
+        .filter(|n| n.op_type.as_deref() == Some(op))
+        .count()
+}
+
 /// Op counts of a graph: (MatMul, Add, Split).
 fn projection_ops(m: &graph::onnx::ModelProto) -> (usize, usize, usize) {
-    let g = m.graph.as_ref().unwrap();
-    let count = |op: &str| {
-        g.node
-            .iter()
-            .filter(|n| n.op_type.as_deref() == Some(op))
-            .count()
-    };
-    (count("MatMul"), count("Add"), count("Split"))
+    (
+        op_count(m, "MatMul"),
+        op_count(m, "Add"),
+        op_count(m, "Split"),
+    )
 }
 
 /// Fuses `file` with and without Q/K/V packing: (report and model packed, model unpacked).
@@ -525,21 +533,15 @@ fn gathered_padding_masks_read_the_mask_directly() {
             .count();
         assert_eq!(noted, want, "{file}: {}", rep.human());
         let g = loaded.model.graph.as_ref().unwrap();
-        let count = |m: &graph::onnx::ModelProto, op: &str| {
-            m.graph
-                .as_ref()
-                .unwrap()
-                .node
-                .iter()
-                .filter(|n| n.op_type.as_deref() == Some(op))
-                .count()
-        };
         if want == 0 {
             continue;
         }
-        assert!(count(&before, "Flatten") > 0, "{file}: no gather to drop");
+        assert!(
+            op_count(&before, "Flatten") > 0,
+            "{file}: no gather to drop"
+        );
         assert_eq!(
-            count(&loaded.model, "Flatten"),
+            op_count(&loaded.model, "Flatten"),
             0,
             "{file}: the gather is left"
         );
@@ -619,11 +621,8 @@ fn a_gather_that_is_not_the_rows_mask_stays() {
         "{}",
         rep.human()
     );
-    let flatten = loaded.model.graph.as_ref().unwrap().node.iter();
     assert_eq!(
-        flatten
-            .filter(|n| n.op_type.as_deref() == Some("Flatten"))
-            .count(),
+        op_count(&loaded.model, "Flatten"),
         1,
         "the gather must stay"
     );
