@@ -388,7 +388,7 @@ mod tests {
 
 #[cfg(test)]
 mod timing {
-    use super::super::split::{APack, BPack};
+    use super::super::split::{softmax_pack_p, APack, BPack};
     use super::*;
 
     /// `cargo test --release --lib amx::timing -- --ignored --nocapture`: tile products per
@@ -424,5 +424,55 @@ mod timing {
                 tdps * 16384.0 / dt / 1e9
             );
         }
+    }
+
+    /// `cargo test --release --lib amx::timing -- --ignored --nocapture`: TSC cycles per row
+    /// pair (32 scores) of the softmax and P packing on the AMX path's block (128 keys × 256
+    /// queries), fastest of many runs, with the output rescale every time and never.
+    #[test]
+    #[ignore]
+    fn softmax_rate() {
+        if !supported() {
+            return;
+        }
+        let (keys, nt, dv) = (128usize, 16usize, 64usize);
+        let ld = 16 * nt + 16;
+        let st: Vec<f32> = (0..keys * ld)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0)
+            .collect();
+        let mut pp = BPack::new(3, keys / 32, nt);
+        let (mut m, mut l) = (vec![0.0f32; ld], vec![0.0f32; ld]);
+        let mut ot = vec![0.0f32; dv * ld];
+        let mut best = [u64::MAX; 2];
+        for _ in 0..300 {
+            for (mode, b) in best.iter_mut().enumerate() {
+                // Scores are in [0, 2]: a running max of -1 moves in every column, 3 never.
+                m.fill(if mode == 0 { -1.0 } else { 3.0 });
+                // SAFETY: AMX implies AVX-512F/BW/DQ and AVX512-BF16.
+                let t0 = unsafe { std::arch::x86_64::_rdtsc() };
+                unsafe {
+                    softmax_pack_p::<false>(
+                        &mut pp,
+                        &st,
+                        ld,
+                        keys,
+                        keys / 32,
+                        &mut m,
+                        &mut l,
+                        &mut ot,
+                        dv,
+                        [&[], &[]],
+                    )
+                    .unwrap()
+                };
+                *b = (*b).min(unsafe { std::arch::x86_64::_rdtsc() } - t0);
+            }
+        }
+        let pairs = (keys / 2 * nt) as f64;
+        println!(
+            "softmax and P packing: {:.1} cycles per row pair with the rescale, {:.1} without",
+            best[0] as f64 / pairs,
+            best[1] as f64 / pairs
+        );
     }
 }

@@ -5,7 +5,9 @@
 //! most 8 bits, so exact). `|mid| ≤ 2⁻⁸|x|` and `|lo| < 2⁻¹⁵|x|`, so the cross products the
 //! GEMM drops (mid·lo, lo·mid, lo·lo) are below 2⁻²²·|x·y| together (typically far less),
 //! under the fp32 rounding bound of a 64-term dot product itself; bf16 × bf16 products are
-//! exact in the fp32 accumulator. Σ x·y comes out at fp32 accuracy.
+//! exact in the fp32 accumulator. Σ x·y comes out at fp32 accuracy. Softmax numerators (in
+//! [0, 1]) are split by truncation instead, which is cheaper and as exact
+//! ([`avx512::split_pairs`]).
 //!
 //! Edge cases. Non-finite inputs: for NaN and ±∞, `x − hi` is NaN, so `mid` and `lo` are NaN
 //! and every dot product that touches `x` is NaN (the GEMM always includes the hi·mid and mid·hi
@@ -349,8 +351,8 @@ mod avx512 {
     /// the running sum `l` and, unless it is 1 for all 16 columns, the tile's columns of the
     /// transposed output accumulator `ot` (`ot_rows` rows of stride `ld`); then
     /// `P = 2^(s − m_new)` (an exact 0 for −∞ scores with `CLAMP`; where no key was visible yet
-    /// `m_new` is −∞ and 0 is subtracted instead) is split into three parts and packed as
-    /// [`pack_b_pairs`] would pack it (rows `keys..32·kc` zero), and its column sums are added
+    /// `m_new` is −∞ and 0 is subtracted instead) is split into three truncated parts
+    /// ([`split_pairs`]) and packed in [`pack_b_pairs`]'s layout (rows `keys..32·kc` zero), and its column sums are added
     /// to `l`. Done per tile, the scores are read while they are still in L1, and columns
     /// whose max did not move skip the rescale. The scores are left as they were. Meanwhile
     /// the two `prefetch` ranges are fetched into L2, one 64-byte line of each per row pair
@@ -459,35 +461,32 @@ mod avx512 {
     }
 
     /// Two rows of softmax numerators (`pe` for an even k, `po` for the next; finite and
-    /// non-negative, or NaN) as the three parts [`split`] defines, each packed in pairs as B
-    /// wants them (lane q: `pe[q]`'s part in the low half, `po[q]`'s in the high half). `hi`
-    /// comes from the rounding conversion `vcvtne2ps2bf16` (round to nearest even, as
-    /// [`split`] rounds; it flushes denormal inputs to zero, which the tile unit does to bf16
-    /// denormals anyway) and one word permute: 17 instructions for both rows against 24.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    /// non-negative, or NaN) as three bf16 parts each, packed in pairs as B wants them (lane
+    /// q: `pe[q]`'s part in the low half, `po[q]`'s in the high half). Unlike [`split`], every
+    /// part is truncated: `hi` is the top 8 significant bits, `mid` the next 8 (of the exact
+    /// remainder), `lo` the last 8, so the three still add up to the value exactly, and
+    /// `|mid| < 2⁻⁷·p`, `|lo| < 2⁻¹⁵·p`: against V's rounded parts, the products the GEMM
+    /// drops stay below 2⁻²¹·|p·v| (2⁻²² with both rounded), still far under fp32 rounding. Numerators need no overflow guard (they are at most 1), and a truncation is a
+    /// mask, so there is no conversion or permute: 14 instructions for both rows against 17
+    /// with a rounded `hi` (the whole softmax: 24.2–25.4 TSC cycles per row pair against
+    /// 28.0–29.3, `amx::timing::softmax_rate`). Denormal inputs lose what bf16 denormals
+    /// cannot hold (the tile unit flushes them).
+    #[target_feature(enable = "avx512f,avx512bw")]
     #[inline]
     pub unsafe fn split_pairs(pe: __m512, po: __m512) -> [__m512i; 3] {
         let high = _mm512_set1_epi32(HIGH as i32);
-        // Word 2q ← word q (pe's), word 2q + 1 ← word 16 + q (po's).
-        let idx = _mm512_set_epi16(
-            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
-            4, 19, 3, 18, 2, 17, 1, 16, 0,
-        );
-        let both = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(po, pe));
-        let hi = _mm512_permutexvar_epi16(idx, both);
-        let r_e = _mm512_sub_ps(pe, _mm512_castsi512_ps(_mm512_slli_epi32::<16>(hi)));
-        let r_o = _mm512_sub_ps(po, _mm512_castsi512_ps(_mm512_and_si512(hi, high)));
-        let (r_e, r_o) = (_mm512_castps_si512(r_e), _mm512_castps_si512(r_o));
-        // mid: r truncated to bf16; a pair takes e's top half down and o's top half.
+        // Low half ← e's top half, high half ← o's top half.
         let pair = |e: __m512i, o: __m512i| {
             _mm512_ternarylogic_epi32::<0xF8>(_mm512_srli_epi32::<16>(e), o, high)
         };
-        let mid = pair(r_e, r_o);
-        let lo = |r: __m512i| {
-            let m = _mm512_castsi512_ps(_mm512_and_si512(r, high));
-            _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(r), m))
+        // x minus its top 8 significant bits (exact in f32).
+        let rest = |x: __m512i| {
+            let top = _mm512_castsi512_ps(_mm512_and_si512(x, high));
+            _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(x), top))
         };
-        [hi, mid, pair(lo(r_e), lo(r_o))]
+        let (e, o) = (_mm512_castps_si512(pe), _mm512_castps_si512(po));
+        let (r_e, r_o) = (rest(e), rest(o));
+        [pair(e, o), pair(r_e, r_o), pair(rest(r_e), rest(r_o))]
     }
 
     /// Packs rows `0..rows` of an f32 matrix with row stride `ld` and `16·dst.nt` columns as B
@@ -620,10 +619,22 @@ mod tests {
         }
     }
 
-    /// The packed pairs of softmax numerators ([`avx512::split_pairs`]) hold exactly the parts
-    /// [`split3`] gives each value, for values in [0, 1] (down to where bf16 parts become
-    /// denormal, which the tile unit flushes anyway: below that, and for denormal inputs,
-    /// parts may be lost, an absolute error under 1e-30), and NaN stays NaN.
+    /// [`avx512::split_pairs`]'s parts, one value at a time: each part the top 16 bits of
+    /// what the earlier parts left.
+    fn truncated_parts(x: f32) -> [u16; 3] {
+        let mut rest = x;
+        [0; 3].map(|_| {
+            let top = rest.to_bits() & HIGH;
+            rest -= f32::from_bits(top);
+            (top >> 16) as u16
+        })
+    }
+
+    /// The packed pairs of softmax numerators ([`avx512::split_pairs`]) hold exactly the
+    /// truncated parts of each value, which add up to it exactly, for values in [0, 1] (down
+    /// to where bf16 parts become denormal, which the tile unit flushes anyway: below that,
+    /// and for denormal inputs, parts may be lost, an absolute error under 1e-30), and NaN
+    /// stays NaN.
     #[test]
     fn numerator_pairs_match_scalar_split() {
         if !(std::is_x86_feature_detected!("avx512bw")
@@ -662,7 +673,20 @@ mod tests {
             for q in 0..16 {
                 for (half, &x) in [chunk[q], chunk[16 + q]].iter().enumerate() {
                     let got: Vec<u16> = out.iter().map(|o| (o[q] >> (16 * half)) as u16).collect();
-                    assert_eq!(got, split3(x), "{x:e}");
+                    let want = truncated_parts(x);
+                    assert_eq!(got, want, "{x:e}");
+                    let sum: f64 = want
+                        .iter()
+                        .map(|&w| f32::from_bits((w as u32) << 16) as f64)
+                        .sum();
+                    assert!(
+                        sum == x as f64 || x < 1e-30,
+                        "{x:e}: parts add up to {sum:e}"
+                    );
+                    // The dropped products' bound: mid < 2⁻⁷·x, lo < 2⁻¹⁵·x.
+                    let part = |i: usize| f32::from_bits((want[i] as u32) << 16) as f64;
+                    assert!(part(1) < x as f64 / 128.0 || x == 0.0, "{x:e}");
+                    assert!(part(2) < x as f64 / 32768.0 || x == 0.0, "{x:e}");
                 }
             }
         }
