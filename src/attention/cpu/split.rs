@@ -352,9 +352,10 @@ mod avx512 {
     /// transposed output accumulator `ot` (`ot_rows` rows of stride `ld`); then
     /// `P = 2^(s − m_new)` (an exact 0 for −∞ scores with `CLAMP`; where no key was visible yet
     /// `m_new` is −∞ and 0 is subtracted instead) is split into three truncated parts
-    /// ([`split_pairs`]) and packed in [`pack_b_pairs`]'s layout (rows `keys..32·kc` zero), and its column sums are added
-    /// to `l`. Done per tile, the scores are read while they are still in L1, and columns
-    /// whose max did not move skip the rescale. The scores are left as they were. Meanwhile
+    /// ([`split_pairs`]) and packed in [`pack_b_pairs`]'s layout (rows `keys..32·kc` zero),
+    /// and its column sums are added to `l`. Done per tile, the scores are read while they
+    /// are still in L1 (the next tile's maxima are taken during this tile's exponentials,
+    /// which brings its scores there), and columns whose max did not move skip the rescale. The scores are left as they were. Meanwhile
     /// the two `prefetch` ranges are fetched into L2, one 64-byte line of each per row pair
     /// (1024 pairs per 128 × 256 block cover two 48 KiB packs).
     ///
@@ -400,20 +401,26 @@ mod avx512 {
         // One 64-byte line of each prefetch range per row pair, into L2.
         let mut line = 0usize;
         let lines = prefetch.map(|r| (r.as_ptr().cast::<i8>(), r.len() * 2 / 64));
+        // A tile's column maxima over the block, even and odd rows in separate chains. Only
+        // tile 0's are a pass of their own: tile t + 1's are taken row by row during tile t's
+        // exponentials, so that their loads (the scores come from L2) overlap with arithmetic
+        // (a separate pass cost a quarter of the softmax, waiting on L2).
+        let (mut even, mut odd) = (neg_inf, neg_inf);
+        let first = st.as_ptr();
+        let mut k = 0;
+        while k + 1 < keys {
+            even = _mm512_max_ps(even, _mm512_loadu_ps(first.add(k * ld)));
+            odd = _mm512_max_ps(odd, _mm512_loadu_ps(first.add((k + 1) * ld)));
+            k += 2;
+        }
+        if k < keys {
+            even = _mm512_max_ps(even, _mm512_loadu_ps(first.add(k * ld)));
+        }
         for t in 0..nt {
             let col = st.as_ptr().add(16 * t);
             let row = |k: usize| _mm512_loadu_ps(col.add(k * ld));
-            // The block's column maxima: even and odd rows in separate chains.
-            let (mut even, mut odd) = (neg_inf, neg_inf);
-            let mut k = 0;
-            while k + 1 < keys {
-                even = _mm512_max_ps(even, row(k));
-                odd = _mm512_max_ps(odd, row(k + 1));
-                k += 2;
-            }
-            if k < keys {
-                even = _mm512_max_ps(even, row(k));
-            }
+            let next_col = (t + 1 < nt).then(|| st.as_ptr().add(16 * (t + 1)));
+            let (mut even_next, mut odd_next) = (neg_inf, neg_inf);
             let mp = m.as_mut_ptr().add(16 * t);
             let m_old = _mm512_loadu_ps(mp);
             let m_new = _mm512_max_ps(m_old, _mm512_max_ps(even, odd));
@@ -441,6 +448,15 @@ mod avx512 {
                 for r in 0..16 {
                     let k = 32 * c + 2 * r;
                     let (pe, po) = (p(k), p(k + 1));
+                    if let Some(next) = next_col {
+                        let next_row = |k: usize| _mm512_loadu_ps(next.add(k * ld));
+                        if k < keys {
+                            even_next = _mm512_max_ps(even_next, next_row(k));
+                        }
+                        if k + 1 < keys {
+                            odd_next = _mm512_max_ps(odd_next, next_row(k + 1));
+                        }
+                    }
                     sum = _mm512_add_ps(sum, _mm512_add_ps(pe, po));
                     for (part, pair) in split_pairs(pe, po).into_iter().enumerate() {
                         let tile = (part * dst.kc + c) * nt + t;
@@ -456,6 +472,7 @@ mod avx512 {
             }
             let lp = l.as_mut_ptr().add(16 * t);
             _mm512_storeu_ps(lp, _mm512_fmadd_ps(_mm512_loadu_ps(lp), alpha, sum));
+            (even, odd) = (even_next, odd_next);
         }
         Ok(())
     }
@@ -748,6 +765,110 @@ mod tests {
                     );
                 }
                 assert!(out.iter().all(|o| o[i] & 0xFFFF == 0));
+            }
+        }
+    }
+
+    /// One key block's softmax on the AMX path against a scalar statement of it, for several
+    /// column tiles (each tile's maxima are taken during the previous tile's exponentials),
+    /// odd key counts, masked (−∞) scores, columns with no key seen yet and columns whose max
+    /// moves or stays: the running max exactly, the sum and the rescaled output to fp32
+    /// accuracy, and the packed numerators (zero past the block's keys).
+    #[test]
+    fn block_softmax_matches_scalar() {
+        if !super::super::amx::supported() {
+            return;
+        }
+        let mut seed = 77u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 40) as f32 / (1u64 << 24) as f32
+        };
+        for (keys, nt) in [(1usize, 1usize), (31, 3), (77, 2), (128, 4)] {
+            let (kc, ld, dv) = (keys.div_ceil(32), 16 * nt + 16, 5);
+            let mut st = vec![0.0f32; keys * ld];
+            for (i, x) in st.iter_mut().enumerate() {
+                *x = if (i * 7) % 13 == 0 {
+                    f32::NEG_INFINITY
+                } else {
+                    rnd() * 20.0 - 10.0
+                };
+            }
+            // Per column: no key yet, a max above every score, or one some scores pass.
+            let m0: Vec<f32> = (0..ld)
+                .map(|c| match c % 3 {
+                    0 => f32::NEG_INFINITY,
+                    1 => 20.0,
+                    _ => rnd() * 10.0 - 5.0,
+                })
+                .collect();
+            let l0: Vec<f32> = (0..ld)
+                .map(|c| if c % 3 == 0 { 0.0 } else { 1.5 })
+                .collect();
+            let ot0: Vec<f32> = (0..dv * ld).map(|_| rnd() - 0.5).collect();
+            let (mut m, mut l, mut ot) = (m0.clone(), l0.clone(), ot0.clone());
+            let mut pack = BPack::new(3, kc, nt);
+            // SAFETY: AMX implies AVX-512F/BW/DQ and AVX512-BF16.
+            unsafe {
+                softmax_pack_p::<true>(
+                    &mut pack,
+                    &st,
+                    ld,
+                    keys,
+                    kc,
+                    &mut m,
+                    &mut l,
+                    &mut ot,
+                    dv,
+                    [&[], &[]],
+                )
+                .unwrap();
+            }
+            let word = |part: usize, k: usize, col: usize| {
+                let (c, r, t) = (k / 32, (k % 32) / 2, col / 16);
+                let tile = (part * kc + c) * nt + t;
+                let w = pack.buf[tile * TILE_WORDS + 32 * r + 2 * (col % 16) + k % 2];
+                f32::from_bits((w as u32) << 16) as f64
+            };
+            for col in 0..16 * nt {
+                let block_max = (0..keys)
+                    .map(|k| st[k * ld + col])
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let m_new = m0[col].max(block_max);
+                assert_eq!(m[col], m_new, "keys {keys} column {col}: running max");
+                let reference = if m_new == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    m_new as f64
+                };
+                let alpha = if m0[col] == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    (m0[col] as f64 - reference).exp2()
+                };
+                let mut sum = 0.0;
+                for k in 0..32 * kc {
+                    let got: f64 = (0..3).map(|part| word(part, k, col)).sum();
+                    let want = if k < keys {
+                        (st[k * ld + col] as f64 - reference).exp2()
+                    } else {
+                        0.0
+                    };
+                    sum += want;
+                    assert!(
+                        (got - want).abs() <= 1e-6 * want,
+                        "keys {keys} column {col} key {k}: {got} vs {want}"
+                    );
+                }
+                let want_l = l0[col] as f64 * alpha + sum;
+                assert!((l[col] as f64 - want_l).abs() <= 1e-6 * want_l.max(1e-30));
+                for e in 0..dv {
+                    let want = ot0[e * ld + col] as f64 * alpha;
+                    let got = ot[e * ld + col] as f64;
+                    assert!((got - want).abs() <= 1e-6, "output row {e} column {col}");
+                }
             }
         }
     }
