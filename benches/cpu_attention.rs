@@ -242,7 +242,25 @@ fn main() {
     } else {
         Vec::new()
     };
-    let md = table(&rows, &single, threads, rounds, &ort_version);
+    // The op and both ORT peers at the same moments (one process, in turn), up to S = 4096:
+    // beyond, the unfused graph's S² scores make each round take seconds.
+    let paired: Vec<(usize, Result<Value, String>)> = sizes
+        .iter()
+        .filter(|&&s| s <= 4096)
+        .map(|&s| {
+            let r = run_case(&root, "paired", s, threads);
+            match &r {
+                Ok(v) => eprintln!(
+                    "{threads}T paired S={s:>6} {} rounds: op / unfused {:.2}×, op / MHA {:.2}× (medians)",
+                    v["rounds"], v["op_vs_unfused"]["median"].as_f64().unwrap_or(f64::NAN),
+                    v["op_vs_mha"]["median"].as_f64().unwrap_or(f64::NAN)
+                ),
+                Err(e) => eprintln!("{threads}T paired S={s:>6} {e}"),
+            }
+            (s, r)
+        })
+        .collect();
+    let md = table(&rows, &single, &paired, threads, rounds, &ort_version);
     println!("{md}");
     // A partial run (custom sizes) goes to the git-ignored bench/out/, not over the record.
     let dir = if std::env::var_os("FLASH_BENCH_SIZES").is_some() {
@@ -329,7 +347,14 @@ fn measure(
     rows
 }
 
-fn table(rows: &[Row], single: &[Row], threads: usize, rounds: usize, ort_version: &str) -> String {
+fn table(
+    rows: &[Row],
+    single: &[Row],
+    paired: &[(usize, Result<Value, String>)],
+    threads: usize,
+    rounds: usize,
+    ort_version: &str,
+) -> String {
     let g = |r: &Result<Value, String>, k: &str| r.as_ref().ok().and_then(|v| v[k].as_f64());
     let fmt =
         |x: Option<f64>, prec: usize| x.map_or("failed".to_string(), |x| format!("{x:.prec$}"));
@@ -391,6 +416,31 @@ fn table(rows: &[Row], single: &[Row], threads: usize, rounds: usize, ort_versio
     if !single.is_empty() {
         md += "\nOne thread each (ORT `intra_op_num_threads` = 1; best of 3 rounds): GFLOP per CPU-second of the process, i.e. per-core throughput, which other jobs sharing the cores barely disturb. One core's fp32 FMA peak here is about 130 GFLOP/s (measured with a register-only FMA loop).\n\n";
         md += &cpu_table(single);
+    }
+    if !paired.is_empty() {
+        md += &format!("\nAt the same moments (`benches/peers_cpu.py paired`, {threads} threads): the op in ORT, ORT's unfused graph and MultiHeadAttention in one process, one iteration of each in turn for 20 s. Ratios of the times within each round, median and middle half: the host's state changes within seconds, and times taken moments apart share it.\n\n");
+        md += "| S | rounds | op / unfused | op / MHA | median GFLOP/s: op in ORT | unfused | MHA |\n";
+        md += "|---|---|---|---|---|---|---|\n";
+        for (s, r) in paired {
+            let Ok(v) = r else {
+                md += &format!("| {s} | failed | | | | | |\n");
+                continue;
+            };
+            let spread = |k: &str| {
+                let q = |p: &str| v[k][p].as_f64().unwrap_or(f64::NAN);
+                format!("{:.2}× ({:.2}–{:.2})", q("median"), q("p25"), q("p75"))
+            };
+            let med = |k: &str| fmt(v["median_gflops"][k].as_f64(), 1);
+            md += &format!(
+                "| {s} | {} | {} | {} | {} | {} | {} |\n",
+                v["rounds"],
+                spread("op_vs_unfused"),
+                spread("op_vs_mha"),
+                med("flash_op"),
+                med("unfused"),
+                med("mha"),
+            );
+        }
     }
     let failures: Vec<String> = rows
         .iter()

@@ -1,12 +1,14 @@
 """One timed attention forward in ONNX Runtime's CPU EP, run by `cargo bench --bench
 cpu_attention` in its own process so that its peak memory is its own.
 
-usage: peers_cpu.py IMPL S THREADS [LIB]
+usage: peers_cpu.py IMPL S THREADS [LIB [SECONDS]]
   IMPL: unfused   MatMul -> Mul -> Softmax -> MatMul graph (as ../shared/bench/peers_ort_cpu.py)
         mha       com.microsoft.MultiHeadAttention
         flash_op  com.flash.FlashAttention from LIB (libflash_ort.so)
+        paired    all three in this one process, one iteration of each in turn for SECONDS
+                  (default 20): the ratios of each round's times, taken at the same moments
 Prints one JSON line: gflops (wall clock), cpu_gflops (flops per second of process CPU time,
-all threads), seconds of the fastest iteration, iterations, peak RSS (MiB) and the RSS after imports (MiB). Fixed shape: batch 1, 8 heads, head size 64, fp32, non-causal.
+all threads), seconds of the fastest iteration, iterations, peak RSS (MiB) and the RSS after imports (MiB); for `paired`, per-round ratios (median and quartiles) and median GFLOP/s. Fixed shape: batch 1, 8 heads, head size 64, fp32, non-causal.
 Environment: FLASH_BENCH_MEM_LIMIT_GB caps the address space so that an oversized graph fails
 with an allocation error instead of waking the OOM killer."""
 
@@ -61,24 +63,70 @@ def flash_op():
     return helper.make_model(g, opset_imports=ops, ir_version=9), "bnsd"
 
 
+BUILDERS = {"unfused": unfused, "mha": mha, "flash_op": flash_op}
+
+
+def session(impl, n, threads, lib, spin=True):
+    """A warmed-up session of `impl` at sequence length `n`, and its inputs."""
+    model, layout = BUILDERS[impl]()
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if impl == "flash_op":
+        so.register_custom_ops_library(lib)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    shape = (B, n, H * D) if layout == "bsh" else (B, H, n, D)
+    rng = np.random.default_rng(0)
+    feeds = {x: rng.standard_normal(shape, dtype=np.float32) for x in "qkv"}
+    sess.run(None, feeds)  # warm-up: arena growth, thread pool start
+    return sess, feeds
+
+
+def paired(n, threads, lib, seconds):
+    """One iteration of each implementation in turn: the host's state (other tenants, clock)
+    changes within seconds here, and a ratio of times taken moments apart cancels most of it.
+    Each session has its own thread pool: their workers must not spin, or the two idle pools
+    would take the cores from the one running."""
+    sessions = {
+        impl: session(impl, n, threads, lib, spin=False) for impl in ("flash_op", "unfused", "mha")
+    }
+    times = {impl: [] for impl in sessions}
+    start = time.perf_counter()
+    while len(times["flash_op"]) < 5 or time.perf_counter() - start < seconds:
+        for impl, (sess, feeds) in sessions.items():
+            t = time.perf_counter()
+            sess.run(None, feeds)
+            times[impl].append(time.perf_counter() - t)
+    t = {impl: np.array(v) for impl, v in times.items()}
+    flops = 4.0 * B * H * n * n * D
+
+    def spread(r):
+        return {"median": float(np.median(r)), "p25": float(np.percentile(r, 25)),
+                "p75": float(np.percentile(r, 75))}
+
+    print(json.dumps({
+        "impl": "paired", "s": n, "rounds": len(t["flash_op"]), "seconds": seconds,
+        "op_vs_unfused": spread(t["unfused"] / t["flash_op"]),
+        "op_vs_mha": spread(t["mha"] / t["flash_op"]),
+        "median_gflops": {impl: flops / float(np.median(v)) / 1e9 for impl, v in t.items()},
+        "peak_mib": peak_mib(), "ort": ort.__version__,
+    }))
+
+
 def main():
     impl, n, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     limit = os.environ.get("FLASH_BENCH_MEM_LIMIT_GB")
     if limit:
         cap = int(float(limit) * (1 << 30))
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    lib = sys.argv[4] if len(sys.argv) > 4 else None
+    if impl == "paired":
+        paired(n, threads, lib, float(sys.argv[5]) if len(sys.argv) > 5 else 20.0)
+        return
     base = peak_mib()
-    model, layout = {"unfused": unfused, "mha": mha, "flash_op": flash_op}[impl]()
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    if impl == "flash_op":
-        so.register_custom_ops_library(sys.argv[4])
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    shape = (B, n, H * D) if layout == "bsh" else (B, H, n, D)
-    rng = np.random.default_rng(0)
-    feeds = {x: rng.standard_normal(shape, dtype=np.float32) for x in "qkv"}
-    sess.run(None, feeds)  # warm-up: arena growth, thread pool start
+    sess, feeds = session(impl, n, threads, lib)
     times = []
     cpu0 = time.process_time()
     start = time.perf_counter()
