@@ -26,6 +26,7 @@ mod convert;
 mod gemm;
 #[cfg(target_arch = "x86_64")]
 mod presplit;
+mod scratch;
 mod softmax;
 #[cfg(target_arch = "x86_64")]
 mod split;

@@ -66,9 +66,15 @@ pub struct Words {
 
 impl Words {
     fn zeroed(len: usize) -> Words {
-        let buf = vec![0u16; len + 32];
+        let buf = super::scratch::filled(len + 32, 0u16);
         let off = buf.as_ptr().align_offset(64).min(31);
         Words { buf, off, len }
+    }
+}
+
+impl Drop for Words {
+    fn drop(&mut self) {
+        super::scratch::recycle(std::mem::take(&mut self.buf));
     }
 }
 

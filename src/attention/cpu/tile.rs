@@ -122,10 +122,16 @@ pub(super) struct Aligned {
 
 impl Aligned {
     pub fn new(len: usize, value: f32) -> Aligned {
-        let buf = vec![value; len + 16];
+        let buf = super::scratch::filled(len + 16, value);
         // Floats to skip to reach the next 64-byte boundary (f32 is 4-byte aligned).
         let off = buf.as_ptr().align_offset(64).min(15);
         Aligned { buf, off, len }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        super::scratch::recycle(std::mem::take(&mut self.buf));
     }
 }
 

@@ -1,0 +1,121 @@
+//! Per-thread reuse of the kernel's scratch buffers.
+//!
+//! Each task allocates a few hundred KiB of tiles and packs. Fresh from the allocator, the
+//! large ones are new pages (glibc maps buffers of 128 KiB and more, and trims freed heap), and
+//! their page faults took 7–16 % of the AMX kernel's time at S = 4096 (one thread: 101k → 92k
+//! TSC cycles per key block with glibc told not to map or trim; with this stash, 2 heads run
+//! in turn with and without it: best 165.8 against 139.7 GFLOP/s, median 76–77 against 70 on a
+//! busy host). A buffer a task drops goes to a small stash of its thread instead, and the next
+//! task there takes it back: at most [`STASH_BYTES`] per thread, buffers up to
+//! [`MAX_BUF_BYTES`] (the pre-split K/V packs of a large problem are freed as usual).
+
+use std::cell::RefCell;
+
+/// Bytes a thread keeps for reuse, all buffers together.
+const STASH_BYTES: usize = 4 << 20;
+/// Larger buffers are not kept.
+const MAX_BUF_BYTES: usize = 1 << 20;
+
+/// One thread's spare buffers of one element type.
+pub struct Stash<T> {
+    bufs: Vec<Vec<T>>,
+    bytes: usize,
+}
+
+impl<T> Stash<T> {
+    const fn new() -> Stash<T> {
+        Stash {
+            bufs: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// The smallest spare buffer that holds `len` elements without growing.
+    fn take(&mut self, len: usize) -> Option<Vec<T>> {
+        let i = (0..self.bufs.len())
+            .filter(|&i| self.bufs[i].capacity() >= len)
+            .min_by_key(|&i| self.bufs[i].capacity())?;
+        let v = self.bufs.swap_remove(i);
+        self.bytes -= v.capacity() * size_of::<T>();
+        Some(v)
+    }
+
+    fn give(&mut self, v: Vec<T>) {
+        let bytes = v.capacity() * size_of::<T>();
+        if bytes > 0 && bytes <= MAX_BUF_BYTES && self.bytes + bytes <= STASH_BYTES {
+            self.bytes += bytes;
+            self.bufs.push(v);
+        }
+    }
+}
+
+/// Element types with a per-thread stash.
+pub trait Stashed: Copy + 'static {
+    /// Runs `f` on this thread's stash; `None` while the thread is being torn down.
+    fn with_stash<R>(f: impl FnOnce(&mut Stash<Self>) -> R) -> Option<R>;
+}
+
+macro_rules! stashed {
+    ($t:ty, $name:ident) => {
+        thread_local!(static $name: RefCell<Stash<$t>> = const { RefCell::new(Stash::new()) });
+        impl Stashed for $t {
+            fn with_stash<R>(f: impl FnOnce(&mut Stash<$t>) -> R) -> Option<R> {
+                $name
+                    .try_with(|s| s.try_borrow_mut().ok().map(|mut s| f(&mut s)))
+                    .ok()
+                    .flatten()
+            }
+        }
+    };
+}
+stashed!(f32, F32_STASH);
+stashed!(u16, U16_STASH);
+
+/// `len` copies of `value`, in a spare buffer of this thread when one is large enough.
+pub fn filled<T: Stashed>(len: usize, value: T) -> Vec<T> {
+    match T::with_stash(|s| s.take(len)).flatten() {
+        Some(mut v) => {
+            v.clear();
+            v.resize(len, value);
+            v
+        }
+        None => vec![value; len],
+    }
+}
+
+/// Keeps `v` for reuse on this thread, or frees it.
+pub fn recycle<T: Stashed>(v: Vec<T>) {
+    if v.capacity() > 0 {
+        // Dropped here when the stash is full, too large or gone.
+        T::with_stash(|s| s.give(v));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_come_back_filled_and_the_stash_is_bounded() {
+        let v = filled(1000, 7.0f32);
+        assert!(v.len() == 1000 && v.iter().all(|&x| x == 7.0));
+        let ptr = v.as_ptr();
+        recycle(v);
+        // The same allocation again, refilled.
+        let w = filled(900, 0.0f32);
+        assert_eq!(w.as_ptr(), ptr);
+        assert!(w.len() == 900 && w.iter().all(|&x| x == 0.0));
+        recycle(w);
+        // Too large to keep, and a full stash keeps nothing more.
+        recycle(vec![0u16; MAX_BUF_BYTES / 2 + 1]);
+        assert_eq!(U16_STASH.with(|s| s.borrow().bufs.len()), 0);
+        for _ in 0..(STASH_BYTES / MAX_BUF_BYTES + 2) {
+            recycle(vec![0u16; MAX_BUF_BYTES / 2]);
+        }
+        U16_STASH.with(|s| {
+            let s = s.borrow();
+            assert!(s.bytes <= STASH_BYTES);
+            assert_eq!(s.bufs.len(), STASH_BYTES / MAX_BUF_BYTES);
+        });
+    }
+}
