@@ -160,7 +160,7 @@ fn internal(what: &str) -> Error {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub use avx512::{pack_a_cols, pack_a_rows, pack_b_pairs, softmax_pack_p};
+pub use avx512::{pack_a_cols, pack_a_rows, pack_b_pairs, softmax_pack_p, transpose16};
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
@@ -320,7 +320,7 @@ mod avx512 {
     /// Transposes a 16 × 16 f32 block held as 16 row vectors.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn transpose16(r: &mut [__m512; 16]) {
+    pub unsafe fn transpose16(r: &mut [__m512; 16]) {
         // Pairs of rows interleaved, then quads: u[4g + k] holds, in its four 128-bit lanes,
         // rows 4g..4g+4 of columns k, k + 4, k + 8, k + 12.
         let mut t = [_mm512_setzero_ps(); 16];

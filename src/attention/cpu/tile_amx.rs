@@ -49,15 +49,8 @@ pub unsafe fn run(
     let mut qpack = BPack::new(3, dk, nt);
     {
         let mut qt = Aligned::new(d * ld, 0.0);
-        let qs = p.q_strides;
         let q_scale = p.scale * std::f32::consts::LOG2_E;
-        for (r, &(h, i)) in rows.head_pos.iter().enumerate() {
-            let row = &mut row[..d];
-            load_row(inp.q, b * qs[0] + h * qs[1] + i * qs[2], qs[3], row);
-            for (col, &x) in qt.iter_mut().skip(r).step_by(ld).zip(row.iter()) {
-                *col = x * q_scale;
-            }
-        }
+        load_qt(p, inp, &rows, q_scale, &mut qt, ld);
         split::pack_b_pairs::<true>(&mut qpack, &qt, ld, d, dk)?;
     }
     // bf16 K/V are exact in one part, fp16 in two: fewer products.
@@ -144,10 +137,64 @@ pub unsafe fn run(
         j0 += nk;
     }
     let mut o = vec![0.0f32; n * dv];
-    for (e, orow) in ot.chunks(ld).take(dv).enumerate() {
-        for (r, &x) in orow[..n].iter().enumerate() {
-            o[r * dv + e] = x;
+    transpose_out(&ot, ld, dv, n, &mut o);
+    write_out(p, &rows, &o, &state.l, out)
+}
+
+/// `qt[c·ld + r] = scale·Q[r][c]` for the task's query rows `r` and head-dim columns `c`
+/// (`qt` is `d × ld`, zero past the rows), 16 × 16 at a time through registers. With
+/// [`transpose_out`], 4 % faster than column walks storing one float per cache line (1 thread,
+/// S = 4096: best 187.5–189.5 against 180.1–182.1 GFLOP/s, alternating in one process).
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16,avx2,fma,f16c")]
+unsafe fn load_qt(
+    p: &AttentionProblem,
+    inp: &CpuInputs,
+    rows: &Rows,
+    scale: f32,
+    qt: &mut [f32],
+    ld: usize,
+) {
+    use std::arch::x86_64::*;
+    let d = p.head_dim;
+    let dp = d.next_multiple_of(16);
+    let qs = p.q_strides;
+    // 16 query rows, each padded with zeros to a whole number of vectors.
+    let mut block = vec![0.0f32; 16 * dp];
+    for r0 in (0..rows.head_pos.len()).step_by(16) {
+        block.fill(0.0);
+        for (j, &(h, i)) in rows.head_pos.iter().skip(r0).take(16).enumerate() {
+            let off = rows.b * qs[0] + h * qs[1] + i * qs[2];
+            load_row(inp.q, off, qs[3], &mut block[j * dp..j * dp + d]);
+        }
+        let s = _mm512_set1_ps(scale);
+        for c0 in (0..d).step_by(16) {
+            let mut v: [__m512; 16] =
+                std::array::from_fn(|j| _mm512_loadu_ps(block.as_ptr().add(j * dp + c0)));
+            split::transpose16(&mut v);
+            for (c, x) in v.iter().enumerate().take(d - c0) {
+                let dst = &mut qt[(c0 + c) * ld + r0..][..16];
+                _mm512_storeu_ps(dst.as_mut_ptr(), _mm512_mul_ps(*x, s));
+            }
         }
     }
-    write_out(p, &rows, &o, &state.l, out)
+}
+
+/// `o[r·dv + e] = ot[e·ld + r]` for `r < n`, `e < dv` (`ot` holds whole 16 × 16 tiles), 16 × 16
+/// at a time through registers.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16,avx2,fma,f16c")]
+unsafe fn transpose_out(ot: &[f32], ld: usize, dv: usize, n: usize, o: &mut [f32]) {
+    use std::arch::x86_64::*;
+    for e0 in (0..dv).step_by(16) {
+        let lanes = (dv - e0).min(16);
+        let mask = ((1u32 << lanes) - 1) as __mmask16;
+        for r0 in (0..n).step_by(16) {
+            let mut v: [__m512; 16] =
+                std::array::from_fn(|i| _mm512_loadu_ps(ot[(e0 + i) * ld + r0..][..16].as_ptr()));
+            split::transpose16(&mut v);
+            for (r, x) in v.iter().enumerate().take(n - r0) {
+                let dst = &mut o[(r0 + r) * dv + e0..][..lanes];
+                _mm512_mask_storeu_ps(dst.as_mut_ptr(), mask, *x);
+            }
+        }
+    }
 }
