@@ -361,9 +361,10 @@ mod avx512 {
     /// ([`split_pairs`]) and packed in [`pack_b_pairs`]'s layout (rows `keys..32·kc` zero),
     /// and its column sums are added to `l`. Done per tile, the scores are read while they
     /// are still in L1 (the next tile's maxima are taken during this tile's exponentials,
-    /// which brings its scores there), and columns whose max did not move skip the rescale. The scores are left as they were. Meanwhile
-    /// the two `prefetch` ranges are fetched into L2, one 64-byte line of each per row pair
-    /// (1024 pairs per 128 × 256 block cover two 48 KiB packs).
+    /// which brings its scores there), and columns whose max did not move skip the rescale.
+    /// The scores are left as they were. Meanwhile the two `prefetch` ranges are fetched into
+    /// L2, one 64-byte line of each per row pair (1024 pairs per 128 × 256 block cover two
+    /// 48 KiB packs).
     ///
     /// (A burst of prefetches would fill the line-fill buffers and stall the core; spread over
     /// the exponentials they cost a few instructions per pair.)
@@ -489,10 +490,11 @@ mod avx512 {
     /// part is truncated: `hi` is the top 8 significant bits, `mid` the next 8 (of the exact
     /// remainder), `lo` the last 8, so the three still add up to the value exactly, and
     /// `|mid| < 2⁻⁷·p`, `|lo| < 2⁻¹⁵·p`: against V's rounded parts, the products the GEMM
-    /// drops stay below 2⁻²¹·|p·v| (2⁻²² with both rounded), still far under fp32 rounding. Numerators need no overflow guard (they are at most 1), and a truncation is a
-    /// mask, so there is no conversion or permute: 14 instructions for both rows against 17
-    /// with a rounded `hi` (the whole softmax: 24.2–25.4 TSC cycles per row pair against
-    /// 28.0–29.3, `amx::timing::softmax_rate`). Denormal inputs lose what bf16 denormals
+    /// drops stay below 2⁻²¹·|p·v| (2⁻²² with both rounded), still far under fp32 rounding.
+    /// Numerators need no overflow guard (they are at most 1), and a truncation is a mask, so
+    /// there is no conversion or permute: 14 instructions for both rows against 17 with a
+    /// rounded `hi` (the whole softmax: 24.2–25.4 TSC cycles per row pair against 28.0–29.3,
+    /// `amx::timing::softmax_rate`). Denormal inputs lose what bf16 denormals
     /// cannot hold (the tile unit flushes them).
     #[target_feature(enable = "avx512f,avx512bw")]
     #[inline]
