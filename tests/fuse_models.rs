@@ -7,6 +7,9 @@ use std::process::Command;
 
 use flash_ort::{fuse, graph, verify};
 
+mod graph_ops;
+use graph_ops::{op_count, projection_ops};
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -321,26 +324,6 @@ fn merged_heads_read_elsewhere_keep_the_4d_layout() {
         .unwrap()
         .layout
         .starts_with("BSD"));
-}
-
-/// Nodes of type `op` in the main graph.
-fn op_count(m: &graph::onnx::ModelProto, op: &str) -> usize {
-    m.graph
-        .as_ref()
-        .unwrap()
-        .node
-        .iter()
-        .filter(|n| n.op_type.as_deref() == Some(op))
-        .count()
-}
-
-/// Op counts of a graph: (MatMul, Add, Split).
-fn projection_ops(m: &graph::onnx::ModelProto) -> (usize, usize, usize) {
-    (
-        op_count(m, "MatMul"),
-        op_count(m, "Add"),
-        op_count(m, "Split"),
-    )
 }
 
 /// Fuses `file` with and without Q/K/V packing: (report and model packed, model unpacked).

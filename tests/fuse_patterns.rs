@@ -8,6 +8,9 @@ use std::path::PathBuf;
 use flash_ort::fuse::{self, Report};
 use flash_ort::graph::{self, io, onnx::ModelProto, onnx::NodeProto};
 
+mod graph_ops;
+use graph_ops::{op_count, projection_ops};
+
 fn graph_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/graphs")
@@ -445,13 +448,7 @@ fn ort_optimized_bert_folds_every_layer() {
         assert_eq!(attr_i(n, "q_num_heads"), Some(4));
         assert_eq!(attr_i(n, "kv_num_heads"), Some(4));
     }
-    let g = m.graph.as_ref().unwrap();
-    let count = |op: &str| {
-        g.node
-            .iter()
-            .filter(|n| n.op_type.as_deref() == Some(op))
-            .count()
-    };
+    let count = |op: &str| op_count(&m, op);
     assert_eq!(count("Transpose"), 0);
     // Left: the output Reshape and the merge shape it shares with the (gone) head merges.
     assert_eq!((count("Reshape"), count("Concat")), (1, 1));
@@ -469,16 +466,6 @@ fn ort_optimized_bert_folds_every_layer() {
 #[test]
 fn ort_optimized_bert_packs_qkv_into_one_matmul_per_layer() {
     let name = "fuse_ort_optimized_bert.onnx";
-    let count = |m: &ModelProto, op: &str| {
-        m.graph
-            .as_ref()
-            .unwrap()
-            .node
-            .iter()
-            .filter(|n| n.op_type.as_deref() == Some(op))
-            .count()
-    };
-    let ops = |m: &ModelProto| (count(m, "MatMul"), count(m, "Add"), count(m, "Split"));
     let original = graph::load_model(&graph_path(name)).unwrap().model;
     let mut plain = original.clone();
     // Packing alone (the default bias fold would leave Q alone with a bias: no packing).
@@ -498,11 +485,11 @@ fn ort_optimized_bert_packs_qkv_into_one_matmul_per_layer() {
     // bias) and the projections stay three.
     let (folded, rep_folded) = fused(name);
     assert_eq!((rep_folded.bias_folded, rep_folded.qkv_packed), (3, 0));
-    assert_eq!(ops(&folded), (18, 3, 0));
+    assert_eq!(projection_ops(&folded), (18, 3, 0));
     // 3 layers: Q/K/V + O + 2 MLP MatMuls each; plus the 2 score matmuls that fusing removed.
-    assert_eq!(ops(&original), (24, 12, 0));
-    assert_eq!(ops(&plain), (18, 9, 0));
-    assert_eq!(ops(&m), (12, 3, 3));
+    assert_eq!(projection_ops(&original), (24, 12, 0));
+    assert_eq!(projection_ops(&plain), (18, 9, 0));
+    assert_eq!(projection_ops(&m), (12, 3, 3));
     let g = m.graph.as_ref().unwrap();
     let packed: Vec<_> = g
         .initializer
