@@ -130,6 +130,25 @@ fn main() {
         let with_mask = std::env::var("FLASH_ORT_BENCH_MASK").is_ok_and(|v| v == "1");
         let zero_mask = s.clone_htod(&vec![0u8; tokens * 2]).unwrap();
         let ptr = |b: &CudaSlice<u8>| b.device_ptr(&s).0;
+        // Grid and shapes calls: Q, K and V of `desc` and, with FLASH_ORT_BENCH_MASK=1, a
+        // float key-padding mask [B, 1, 1, S] of zeros in Q's type (what BERT-style exports
+        // pass), all keys visible.
+        let inputs = |desc: TensorDesc, b: usize, seq: usize| InputDescs {
+            q: Some(desc.clone()),
+            k: Some(desc.clone()),
+            v: Some(desc),
+            attn_mask: with_mask
+                .then(|| TensorDesc::new(elem(dtype), &[b as i64, 1, 1, seq as i64])),
+            ..Default::default()
+        };
+        let ptrs = || DevicePtrs {
+            q: ptr(&q),
+            k: ptr(&k),
+            v: ptr(&v),
+            mask: if with_mask { ptr(&zero_mask) } else { 0 },
+            nonpad_kv_seqlen: 0,
+            out: ptr(&out),
+        };
         if filter.is_empty() || filter == "grid" {
             for d in [64usize, 128] {
                 for causal in [false, true] {
@@ -151,29 +170,11 @@ fn main() {
                             elem(dtype),
                             &[b as i64, h as i64, seq as i64, d as i64],
                         );
-                        // FLASH_ORT_BENCH_MASK=1: a float key-padding mask [B, 1, 1, S] of
-                        // zeros in Q's type (what BERT-style exports pass), all keys visible.
-                        let mask_shape = [b as i64, 1, 1, seq as i64];
-                        let inputs = InputDescs {
-                            q: Some(desc.clone()),
-                            k: Some(desc.clone()),
-                            v: Some(desc),
-                            attn_mask: with_mask.then(|| TensorDesc::new(elem(dtype), &mask_shape)),
-                            ..Default::default()
-                        };
                         let attrs = AttentionAttrs {
                             is_causal: causal,
                             ..Default::default()
                         };
-                        let ptrs = DevicePtrs {
-                            q: ptr(&q),
-                            k: ptr(&k),
-                            v: ptr(&v),
-                            mask: if with_mask { ptr(&zero_mask) } else { 0 },
-                            nonpad_kv_seqlen: 0,
-                            out: ptr(&out),
-                        };
-                        let c = Call::new(&g, &attrs, &inputs, ptrs);
+                        let c = Call::new(&g, &attrs, &inputs(desc, b, seq), ptrs());
                         let mut call = || c.run(&g);
                         let ms = time_ms(&g, 3, 20, &mut call);
                         let flops =
@@ -209,28 +210,12 @@ fn main() {
                     continue;
                 }
                 let desc = TensorDesc::new(elem(dtype), &[b as i64, seq as i64, (h * d) as i64]);
-                let inputs = InputDescs {
-                    q: Some(desc.clone()),
-                    k: Some(desc.clone()),
-                    v: Some(desc),
-                    attn_mask: with_mask
-                        .then(|| TensorDesc::new(elem(dtype), &[b as i64, 1, 1, seq as i64])),
-                    ..Default::default()
-                };
                 let attrs = AttentionAttrs {
                     q_num_heads: Some(h),
                     kv_num_heads: Some(h),
                     ..Default::default()
                 };
-                let ptrs = DevicePtrs {
-                    q: ptr(&q),
-                    k: ptr(&k),
-                    v: ptr(&v),
-                    mask: if with_mask { ptr(&zero_mask) } else { 0 },
-                    nonpad_kv_seqlen: 0,
-                    out: ptr(&out),
-                };
-                let c = Call::new(&g, &attrs, &inputs, ptrs);
+                let c = Call::new(&g, &attrs, &inputs(desc, b, seq), ptrs());
                 let splits = c.splits;
                 let mut call = || c.run(&g);
                 let one = time_ms(&g, 5, 50, &mut call) * 1e3;
