@@ -25,7 +25,7 @@ in ONNX Runtime (CUDA EP when available, else CPU for float32) on a right-padded
 PyTorch. `--tiny` shrinks every config to a few layers of width 64 so the whole script can be
 smoke-tested on a CPU in seconds.
 
-    python3 models/export_large.py --out /tmp/large [--models bert_base,llama_gqa_2k]
+    python3 models/export_large.py --out bench/out/large [--models bert_base,llama_gqa_2k]
         [--variants ts17:eager,dyn23:sdpa] [--dtype float16] [--check] [--tiny]
 """
 

@@ -4,7 +4,7 @@
 # benchmark, writing logs and the merged table under $OUT.
 set -uo pipefail
 dir="${1:-.device-cuda}"
-out="${OUT:-/tmp/out}"
+out="${OUT:-bench/out/cuda_device}"
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
