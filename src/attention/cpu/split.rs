@@ -65,8 +65,10 @@ pub struct Words {
 }
 
 impl Words {
-    fn zeroed(len: usize) -> Words {
-        let buf = super::scratch::filled(len + 32, 0u16);
+    /// Words the packers overwrite before any product reads them (see
+    /// [`super::scratch::reused`]).
+    fn scratch(len: usize) -> Words {
+        let buf = super::scratch::reused(len + 32, 0u16);
         let off = buf.as_ptr().align_offset(64).min(31);
         Words { buf, off, len }
     }
@@ -108,7 +110,7 @@ impl APack {
             mt,
             kc,
         };
-        a.buf = Words::zeroed(a.words());
+        a.buf = Words::scratch(a.words());
         a
     }
     pub fn words(&self) -> usize {
@@ -145,7 +147,7 @@ impl BPack {
             kc,
             nt,
         };
-        b.buf = Words::zeroed(b.words());
+        b.buf = Words::scratch(b.words());
         b
     }
     pub fn words(&self) -> usize {

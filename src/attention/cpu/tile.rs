@@ -122,7 +122,16 @@ pub(super) struct Aligned {
 
 impl Aligned {
     pub fn new(len: usize, value: f32) -> Aligned {
-        let buf = super::scratch::filled(len + 16, value);
+        Aligned::from_buf(super::scratch::filled(len + 16, value), len)
+    }
+
+    /// For a buffer whose every element is written before it is read (see
+    /// [`super::scratch::reused`]).
+    pub fn scratch(len: usize) -> Aligned {
+        Aligned::from_buf(super::scratch::reused(len + 16, 0.0), len)
+    }
+
+    fn from_buf(buf: Vec<f32>, len: usize) -> Aligned {
         // Floats to skip to reach the next 64-byte boundary (f32 is 4-byte aligned).
         let off = buf.as_ptr().align_offset(64).min(15);
         Aligned { buf, off, len }

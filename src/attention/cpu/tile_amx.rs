@@ -48,17 +48,18 @@ pub unsafe fn run(
     let dk = d.div_ceil(32);
     let mut qpack = BPack::new(3, dk, nt);
     {
-        let mut qt = Aligned::new(d * ld, 0.0);
+        let mut qt = Aligned::scratch(d * ld);
         let q_scale = p.scale * std::f32::consts::LOG2_E;
         load_qt(p, inp, &rows, q_scale, &mut qt, ld);
         split::pack_b_pairs::<true>(&mut qpack, &qt, ld, d, dk)?;
     }
-    // bf16 K/V are exact in one part, fp16 in two: fewer products.
-    let mut kpack = APack::new(split::parts_for(inp.k), bc.div_ceil(16), dk);
     let dvt = dv.div_ceil(16);
-    let mut vpack = APack::new(split::parts_for(inp.v), dvt, bc.div_ceil(32));
+    // This task's own K and V packs, made when a block was not pre-split. bf16 K/V are exact
+    // in one part, fp16 in two: fewer products.
+    let mut own_packs: Option<(APack, APack)> = None;
     let mut ppack = BPack::new(3, bc.div_ceil(32), nt);
-    let mut st = Aligned::new(bc.next_multiple_of(16) * ld, 0.0);
+    // Every score the softmax reads is written by `K·Qᵀ` first; the output accumulates.
+    let mut st = Aligned::scratch(bc.next_multiple_of(16) * ld);
     let mut ot = Aligned::new(16 * dvt * ld, 0.0);
     let (ks, vs) = (inp.k_strides, inp.v_strides);
     // f32 K and V rows are split in place when contiguous; anything else goes through a dense
@@ -86,27 +87,33 @@ pub unsafe fn run(
         let (kpack, vpack) = match packed {
             Some((kp, vp)) => (kp, vp),
             None => {
+                let (kpack, vpack) = own_packs.get_or_insert_with(|| {
+                    (
+                        APack::new(split::parts_for(inp.k), bc.div_ceil(16), dk),
+                        APack::new(split::parts_for(inp.v), dvt, bc.div_ceil(32)),
+                    )
+                });
                 let k_off = b * ks[0] + kvh * ks[1] + j0 * ks[2];
                 match k_direct {
-                    Some(k) => split::pack_a_rows(&mut kpack, k, k_off, ks[2], nk, d)?,
+                    Some(k) => split::pack_a_rows(kpack, k, k_off, ks[2], nk, d)?,
                     None => {
                         for (j, dst) in kbuf.chunks_mut(d).take(nk).enumerate() {
                             load_row(inp.k, k_off + j * ks[2], ks[3], dst);
                         }
-                        split::pack_a_rows(&mut kpack, &kbuf, 0, d, nk, d)?
+                        split::pack_a_rows(kpack, &kbuf, 0, d, nk, d)?
                     }
                 }
                 let v_off = b * vs[0] + kvh * vs[1] + j0 * vs[2];
                 match v_direct {
-                    Some(v) => split::pack_a_cols(&mut vpack, v, v_off, vs[2], dv, nk)?,
+                    Some(v) => split::pack_a_cols(vpack, v, v_off, vs[2], dv, nk)?,
                     None => {
                         for (j, dst) in vbuf.chunks_mut(dv).take(nk).enumerate() {
                             load_row(inp.v, v_off + j * vs[2], vs[3], dst);
                         }
-                        split::pack_a_cols(&mut vpack, &vbuf, 0, dv, dv, nk)?
+                        split::pack_a_cols(vpack, &vbuf, 0, dv, dv, nk)?
                     }
                 }
-                (&kpack, &vpack)
+                (&*kpack, &*vpack)
             }
         };
         let boundary = j0 < rows.lo[last] || j0 + nk > rows.hi_key[0];
@@ -136,7 +143,8 @@ pub unsafe fn run(
         amx::gemm(vpack, dvt, &ppack, kcv, &mut ot, ld, false)?;
         j0 += nk;
     }
-    let mut o = vec![0.0f32; n * dv];
+    // Every element is written by the transposition.
+    let mut o = Aligned::scratch(n * dv);
     transpose_out(&ot, ld, dv, n, &mut o);
     write_out(p, &rows, &o, &state.l, out)
 }
