@@ -58,9 +58,10 @@ pub unsafe fn run(
     // in one part, fp16 in two: fewer products.
     let mut own_packs: Option<(APack, APack)> = None;
     let mut ppack = BPack::new(3, bc.div_ceil(32), nt);
-    // Every score the softmax reads is written by `K·Qᵀ` first; the output accumulates.
+    // Every score the softmax reads is written by `K·Qᵀ` first, and the output accumulator by
+    // the first block's `Vᵀ·Pᵀ` (later blocks rescale it and add to it).
     let mut st = Aligned::scratch(bc.next_multiple_of(16) * ld);
-    let mut ot = Aligned::new(16 * dvt * ld, 0.0);
+    let mut ot = Aligned::scratch(16 * dvt * ld);
     let (ks, vs) = (inp.k_strides, inp.v_strides);
     // f32 K and V rows are split in place when contiguous; anything else goes through a dense
     // f32 block.
@@ -135,12 +136,19 @@ pub unsafe fn run(
             _ => &[][..],
         };
         let pf = [this_v, next_k];
+        // Nothing to rescale before the first block (its factor is 0 in every column).
+        let first = j0 == j_start;
+        let ot_rows = if first { 0 } else { dv };
         if finite {
-            split::softmax_pack_p::<false>(&mut ppack, &st, ld, nk, kcv, m, l, &mut ot, dv, pf)?;
+            split::softmax_pack_p::<false>(
+                &mut ppack, &st, ld, nk, kcv, m, l, &mut ot, ot_rows, pf,
+            )?;
         } else {
-            split::softmax_pack_p::<true>(&mut ppack, &st, ld, nk, kcv, m, l, &mut ot, dv, pf)?;
+            split::softmax_pack_p::<true>(
+                &mut ppack, &st, ld, nk, kcv, m, l, &mut ot, ot_rows, pf,
+            )?;
         }
-        amx::gemm(vpack, dvt, &ppack, kcv, &mut ot, ld, false)?;
+        amx::gemm(vpack, dvt, &ppack, kcv, &mut ot, ld, first)?;
         j0 += nk;
     }
     // Every element is written by the transposition.
