@@ -2,11 +2,14 @@
 cpu_attention` in its own process so that its peak memory is its own.
 
 usage: peers_cpu.py IMPL S THREADS [LIB [SECONDS]]
+       peers_cpu.py ab S THREADS SECONDS LIB_A LIB_B
   IMPL: unfused   MatMul -> Mul -> Softmax -> MatMul graph (as ../shared/bench/peers_ort_cpu.py)
         mha       com.microsoft.MultiHeadAttention
         flash_op  com.flash.FlashAttention from LIB (libflash_ort.so)
         paired    all three in this one process, one iteration of each in turn for SECONDS
                   (default 20): the ratios of each round's times, taken at the same moments
+        ab        the op from two builds of the library (before and after a change), one
+                  iteration of each in turn: time A / time B per round (> 1: B is faster)
 Prints one JSON line: gflops (wall clock), cpu_gflops (flops per second of process CPU time,
 all threads), seconds of the fastest iteration, iterations, peak RSS (MiB) and the RSS after imports (MiB); for `paired`, per-round ratios (median and quartiles) and median GFLOP/s. Fixed shape: batch 1, 8 heads, head size 64, fp32, non-causal.
 Environment: FLASH_BENCH_MEM_LIMIT_GB caps the address space so that an oversized graph fails
@@ -115,12 +118,39 @@ def paired(n, threads, lib, seconds):
     }))
 
 
+def ab(n, threads, seconds, lib_a, lib_b):
+    """The op from two library files in one process, one iteration of each in turn: an A/B
+    of a change that the host's drift (other tenants, seconds apart) does not swamp."""
+    sessions = [session("flash_op", n, threads, lib, spin=False) for lib in (lib_a, lib_b)]
+    times = [[], []]
+    start = time.perf_counter()
+    while len(times[0]) < 5 or time.perf_counter() - start < seconds:
+        for (sess, feeds), ts in zip(sessions, times):
+            t = time.perf_counter()
+            sess.run(None, feeds)
+            ts.append(time.perf_counter() - t)
+    a, b = np.array(times[0]), np.array(times[1])
+    r = a / b
+    flops = 4.0 * B * H * n * n * D
+    print(json.dumps({
+        "impl": "ab", "s": n, "threads": threads, "rounds": len(a),
+        "a_over_b": {"median": float(np.median(r)), "p25": float(np.percentile(r, 25)),
+                     "p75": float(np.percentile(r, 75))},
+        "best_gflops": {"a": flops / a.min() / 1e9, "b": flops / b.min() / 1e9},
+        "median_gflops": {"a": flops / float(np.median(a)) / 1e9,
+                          "b": flops / float(np.median(b)) / 1e9},
+    }))
+
+
 def main():
     impl, n, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     limit = os.environ.get("FLASH_BENCH_MEM_LIMIT_GB")
     if limit:
         cap = int(float(limit) * (1 << 30))
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    if impl == "ab":
+        ab(n, threads, float(sys.argv[4]), sys.argv[5], sys.argv[6])
+        return
     lib = sys.argv[4] if len(sys.argv) > 4 else None
     if impl == "paired":
         paired(n, threads, lib, float(sys.argv[5]) if len(sys.argv) > 5 else 20.0)
