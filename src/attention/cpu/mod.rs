@@ -50,9 +50,20 @@ use std::sync::Mutex;
 const MAX_BLOCK_ROWS: usize = 256;
 /// Query rows per task, at least (unless the problem has fewer).
 const MIN_BLOCK_ROWS: usize = 64;
-/// Tasks a call is cut into, at least where rows allow: enough to keep a pool busy and even
-/// out unequal tasks (causal), before tiles shrink towards [`MIN_BLOCK_ROWS`].
-const MIN_TASKS: usize = 16;
+/// Tasks a call is cut into, at least where rows allow, per core this process may use:
+/// enough to keep a pool busy and even out unequal tasks (causal), before tiles shrink towards
+/// [`MIN_BLOCK_ROWS`]. (ORT does not tell a custom op its pool's size; its default is one
+/// thread per core.) Between [`MIN_TASKS`] and [`MAX_MIN_TASKS`] in all.
+const TASKS_PER_CORE: usize = 4;
+const MIN_TASKS: usize = 8;
+const MAX_MIN_TASKS: usize = 64;
+
+/// The least number of tasks a call is cut into where rows allow (see [`TASKS_PER_CORE`]).
+fn min_tasks() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(4, |n| n.get()));
+    (TASKS_PER_CORE * cores).clamp(MIN_TASKS, MAX_MIN_TASKS)
+}
 /// Keys per block: the score tile is `BLOCK_KEYS × BLOCK_ROWS` f32.
 const BLOCK_KEYS: usize = 64;
 /// Keys per block on the AMX path: twice as many tile products per load and store of an
@@ -83,8 +94,9 @@ impl Plan {
         let group = p.group_size();
         let rows = p.q_len * group;
         let units = p.batch * p.kv_heads;
+        let min_tasks = min_tasks();
         let mut block_rows = MAX_BLOCK_ROWS;
-        while block_rows > MIN_BLOCK_ROWS && units * rows.div_ceil(block_rows) < MIN_TASKS {
+        while block_rows > MIN_BLOCK_ROWS && units * rows.div_ceil(block_rows) < min_tasks {
             block_rows /= 2;
         }
         let row_blocks = rows.div_ceil(block_rows);
