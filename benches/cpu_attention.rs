@@ -233,6 +233,7 @@ fn main() {
         .and_then(|x| x.parse().ok())
         .unwrap_or(5);
     let mut ort_version = String::from("?");
+    let unit_before = tile_unit_state();
     let rows = measure(&root, &sizes, threads, rounds, &mut ort_version);
     // One thread each, S ≤ 4096: throughput per CPU-second is then a per-core figure that
     // time-sharing with other jobs barely moves (no pool threads spinning, nothing to wait on).
@@ -260,7 +261,13 @@ fn main() {
             (s, r)
         })
         .collect();
-    let md = table(&rows, &single, &paired, threads, rounds, &ort_version);
+    let unit_after = tile_unit_state();
+    let mut md = table(&rows, &single, &paired, threads, rounds, &ort_version);
+    if let (Some(a), Some(b)) = (unit_before, unit_after) {
+        md += &format!(
+            "\nState of this core's AMX tile unit (`cpu::tile_product_cycles`, {UNIT_SAMPLES} samples {UNIT_GAP_MS} ms apart): at full rate in {a} of them before the run, {b} after. A shared host's other tenants halve the rate while they use the sibling hyperthread's tile unit; the op's figures drop with it, ORT's FMA-based peers much less.\n"
+        );
+    }
     println!("{md}");
     // A partial run (custom sizes) goes to the git-ignored bench/out/, not over the record.
     let dir = if std::env::var_os("FLASH_BENCH_SIZES").is_some() {
@@ -274,6 +281,25 @@ fn main() {
     } else {
         eprintln!("wrote {}", path.display());
     }
+}
+
+const UNIT_SAMPLES: usize = 40;
+const UNIT_GAP_MS: u64 = 25;
+/// Full rate is 16 TSC cycles per tile product on Sapphire Rapids; half rate about 31.
+const FULL_RATE_CYCLES: f64 = 20.0;
+
+/// How many of [`UNIT_SAMPLES`] samples of the tile unit found it at full rate (`None`
+/// without AMX).
+fn tile_unit_state() -> Option<usize> {
+    let mut full = 0;
+    for _ in 0..UNIT_SAMPLES {
+        if cpu::tile_product_cycles()? < FULL_RATE_CYCLES {
+            full += 1;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(UNIT_GAP_MS));
+    }
+    eprintln!("tile unit at full rate in {full} of {UNIT_SAMPLES} samples");
+    Some(full)
 }
 
 type Row = (usize, Vec<Result<Value, String>>);

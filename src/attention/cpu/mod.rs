@@ -36,6 +36,19 @@ mod tile_amx;
 
 pub use gemm::Isa;
 
+/// TSC cycles per AMX tile product on this core now, `None` without AMX (benchmarks report
+/// it: see `amx::tile_product_cycles`).
+#[cfg(target_arch = "x86_64")]
+pub fn tile_product_cycles() -> Option<f64> {
+    amx::tile_product_cycles()
+}
+
+/// No AMX off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+pub fn tile_product_cycles() -> Option<f64> {
+    None
+}
+
 use super::{check_buffers, AttentionProblem, CpuInputs, ElemsMut, ParallelFor};
 use crate::{Error, Result};
 use half::{bf16, f16};
