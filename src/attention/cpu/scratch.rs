@@ -10,6 +10,7 @@
 //! [`MAX_BUF_BYTES`] (the pre-split K/V packs of a large problem are freed as usual).
 
 use std::cell::RefCell;
+use std::sync::OnceLock;
 
 /// Bytes a thread keeps for reuse, all buffers together.
 const STASH_BYTES: usize = 4 << 20;
@@ -51,8 +52,8 @@ impl<T> Stash<T> {
 
 /// Element types with a per-thread stash.
 pub trait Stashed: Copy + 'static {
-    /// What [`reused`] fills buffers with in debug builds: a NaN, so that a read of an
-    /// element nobody wrote shows up in the results.
+    /// What [`reused`] fills buffers with when poisoning: a NaN, so that a read of an element
+    /// nobody wrote shows up in the results.
     const POISON: Self;
     /// Runs `f` on this thread's stash; `None` while the thread is being torn down.
     fn with_stash<R>(f: impl FnOnce(&mut Stash<Self>) -> R) -> Option<R>;
@@ -88,10 +89,20 @@ pub fn filled<T: Stashed>(len: usize, value: T) -> Vec<T> {
     }
 }
 
+/// Whether [`reused`] poisons its buffers: in debug builds, and where
+/// `FLASH_ORT_POISON_SCRATCH=1` (the project's test command sets it, so the optimized test
+/// runs check too that no kernel reads an element it did not write).
+fn poison() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    cfg!(debug_assertions)
+        || *ON
+            .get_or_init(|| std::env::var_os("FLASH_ORT_POISON_SCRATCH").is_some_and(|v| v == "1"))
+}
+
 /// `len` elements for a buffer whose every element is written before it is read: a spare
 /// buffer of this thread when one is large enough, holding whatever it held (no pass over
 /// it: zero-filling the tiles and packs took 7 % of a call at S = 256), or a new one of
-/// `value`s. Debug builds fill it with [`Stashed::POISON`] instead.
+/// `value`s. Filled with [`Stashed::POISON`] instead where [`poison`] says so.
 pub fn reused<T: Stashed>(len: usize, value: T) -> Vec<T> {
     let mut v = match T::with_stash(|s| s.take(len)).flatten() {
         Some(mut v) => {
@@ -104,7 +115,7 @@ pub fn reused<T: Stashed>(len: usize, value: T) -> Vec<T> {
         }
         None => vec![value; len],
     };
-    if cfg!(debug_assertions) {
+    if poison() {
         v.fill(T::POISON);
     }
     v
@@ -133,10 +144,10 @@ mod tests {
         assert_eq!(w.as_ptr(), ptr);
         assert!(w.len() == 900 && w.iter().all(|&x| x == 0.0));
         recycle(w);
-        // Reused as it is (poisoned in debug builds), also when longer than before.
+        // Reused as it is (or poisoned), also when longer than before.
         let r = reused(950, 1.0f32);
         assert_eq!((r.as_ptr(), r.len()), (ptr, 950));
-        if cfg!(debug_assertions) {
+        if poison() {
             assert!(r.iter().all(|x| x.is_nan()));
         } else {
             assert!(r[..900].iter().all(|&x| x == 0.0) && r[900..].iter().all(|&x| x == 1.0));
