@@ -106,11 +106,8 @@ fn poison() -> bool {
 pub fn reused<T: Stashed>(len: usize, value: T) -> Vec<T> {
     let mut v = match T::with_stash(|s| s.take(len)).flatten() {
         Some(mut v) => {
-            if v.len() >= len {
-                v.truncate(len);
-            } else {
-                v.resize(len, value);
-            }
+            // Shortens, or writes `value` only past what the buffer held.
+            v.resize(len, value);
             v
         }
         None => vec![value; len],
