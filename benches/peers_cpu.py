@@ -87,28 +87,34 @@ def session(impl, n, threads, lib, spin=True):
     return sess, feeds
 
 
-def paired(n, threads, lib, seconds):
-    """One iteration of each implementation in turn: the host's state (other tenants, clock)
-    changes within seconds here, and a ratio of times taken moments apart cancels most of it.
-    Each session has its own thread pool: their workers must not spin, or the two idle pools
-    would take the cores from the one running."""
-    sessions = {
-        impl: session(impl, n, threads, lib, spin=False) for impl in ("flash_op", "unfused", "mha")
-    }
-    times = {impl: [] for impl in sessions}
+def spread(r):
+    """Median and quartiles of per-round ratios."""
+    return {"median": float(np.median(r)), "p25": float(np.percentile(r, 25)),
+            "p75": float(np.percentile(r, 75))}
+
+
+def in_turn(sessions, seconds):
+    """One iteration of each (session, feeds) in turn for `seconds` (at least 5 rounds): the
+    host's state (other tenants, clock) changes within seconds here, and a ratio of times taken
+    moments apart cancels most of it. Each session has its own thread pool: their workers must
+    not spin (see `session`), or the idle pools would take the cores from the one running.
+    Returns each session's iteration times."""
+    times = [[] for _ in sessions]
     start = time.perf_counter()
-    while len(times["flash_op"]) < 5 or time.perf_counter() - start < seconds:
-        for impl, (sess, feeds) in sessions.items():
+    while len(times[0]) < 5 or time.perf_counter() - start < seconds:
+        for (sess, feeds), ts in zip(sessions, times):
             t = time.perf_counter()
             sess.run(None, feeds)
-            times[impl].append(time.perf_counter() - t)
-    t = {impl: np.array(v) for impl, v in times.items()}
+            ts.append(time.perf_counter() - t)
+    return [np.array(ts) for ts in times]
+
+
+def paired(n, threads, lib, seconds):
+    """The op and both ORT peers at the same moments."""
+    impls = ("flash_op", "unfused", "mha")
+    times = in_turn([session(impl, n, threads, lib, spin=False) for impl in impls], seconds)
+    t = dict(zip(impls, times))
     flops = 4.0 * B * H * n * n * D
-
-    def spread(r):
-        return {"median": float(np.median(r)), "p25": float(np.percentile(r, 25)),
-                "p75": float(np.percentile(r, 75))}
-
     print(json.dumps({
         "impl": "paired", "s": n, "rounds": len(t["flash_op"]), "seconds": seconds,
         "op_vs_unfused": spread(t["unfused"] / t["flash_op"]),
@@ -119,23 +125,14 @@ def paired(n, threads, lib, seconds):
 
 
 def ab(n, threads, seconds, lib_a, lib_b):
-    """The op from two library files in one process, one iteration of each in turn: an A/B
-    of a change that the host's drift (other tenants, seconds apart) does not swamp."""
-    sessions = [session("flash_op", n, threads, lib, spin=False) for lib in (lib_a, lib_b)]
-    times = [[], []]
-    start = time.perf_counter()
-    while len(times[0]) < 5 or time.perf_counter() - start < seconds:
-        for (sess, feeds), ts in zip(sessions, times):
-            t = time.perf_counter()
-            sess.run(None, feeds)
-            ts.append(time.perf_counter() - t)
-    a, b = np.array(times[0]), np.array(times[1])
-    r = a / b
+    """The op from two library files at the same moments: an A/B of a change that the host's
+    drift does not swamp."""
+    a, b = in_turn([session("flash_op", n, threads, lib, spin=False) for lib in (lib_a, lib_b)],
+                   seconds)
     flops = 4.0 * B * H * n * n * D
     print(json.dumps({
         "impl": "ab", "s": n, "threads": threads, "rounds": len(a),
-        "a_over_b": {"median": float(np.median(r)), "p25": float(np.percentile(r, 25)),
-                     "p75": float(np.percentile(r, 75))},
+        "a_over_b": spread(a / b),
         "best_gflops": {"a": flops / a.min() / 1e9, "b": flops / b.min() / 1e9},
         "median_gflops": {"a": flops / float(np.median(a)) / 1e9,
                           "b": flops / float(np.median(b)) / 1e9},
