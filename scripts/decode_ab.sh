@@ -5,7 +5,7 @@
 #   bash scripts/decode_ab.sh [DIR]    DIR holds the staged cuda_attention, cuda_bench, scripts
 set -uo pipefail
 dir=${1:-.device-cuda}
-out=${OUT:-/tmp/out}
+out=${OUT:-bench/out/decode_ab}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$out/gpu.txt"
 echo "== decode tests"
