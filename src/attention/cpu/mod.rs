@@ -4,8 +4,9 @@
 //! Design, per task (see [`tile`]): the task's query rows — all query heads sharing one KV head,
 //! so GQA/MQA read each K/V block once for the whole group — are packed once as `Qᵀ`, scaled by
 //! `scale·log2 e` so that scores come out in log2 units. For each block of keys the kernel
-//! computes the transposed scores `Sᵀ = K·Qᵀ` with a register-blocked GEMM ([`gemm`]) reading K
-//! in place (and taking the block's column maxima while the scores are in registers), applies
+//! computes the transposed scores `Sᵀ = K·Qᵀ` with a register-blocked GEMM ([`gemm`]: our
+//! AVX-512 micro-kernels, or the `gemm` crate's AVX2/NEON ones) reading K in place (with
+//! AVX-512, taking the block's column maxima while the scores are in registers), applies
 //! softcap and masks (only on blocks that straddle a causal/window/padding boundary, plus
 //! `attn_mask` when given), updates the running max and sum per query in fp32 with `2^x`
 //! ([`softmax`]), rescales the output accumulator only when some query's max moved, and adds

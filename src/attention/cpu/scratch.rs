@@ -54,6 +54,7 @@ impl<T> Stash<T> {
 pub trait Stashed: Copy + 'static {
     /// What [`reused`] fills buffers with when poisoning: a NaN, so that a read of an element
     /// nobody wrote shows up in the results.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 paths only
     const POISON: Self;
     /// Runs `f` on this thread's stash; `None` while the thread is being torn down.
     fn with_stash<R>(f: impl FnOnce(&mut Stash<Self>) -> R) -> Option<R>;
@@ -92,6 +93,7 @@ pub fn filled<T: Stashed>(len: usize, value: T) -> Vec<T> {
 /// Whether [`reused`] poisons its buffers: in debug builds, and where
 /// `FLASH_ORT_POISON_SCRATCH=1` (the project's test command sets it, so the optimized test
 /// runs check too that no kernel reads an element it did not write).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 paths only
 fn poison() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     cfg!(debug_assertions)
@@ -103,6 +105,7 @@ fn poison() -> bool {
 /// buffer of this thread when one is large enough, holding whatever it held (no pass over
 /// it: zero-filling the tiles and packs took 7 % of a call at S = 256), or a new one of
 /// `value`s. Filled with [`Stashed::POISON`] instead where [`poison`] says so.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 paths only
 pub fn reused<T: Stashed>(len: usize, value: T) -> Vec<T> {
     let mut v = match T::with_stash(|s| s.take(len)).flatten() {
         Some(mut v) => {

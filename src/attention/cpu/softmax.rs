@@ -6,25 +6,29 @@
 
 /// `2^x` for `x ≤ 0` (including −∞, which gives exactly 0), branch-free so loops vectorize.
 /// Relative error about 2 ulp: `x = n + f`, |f| ≤ ½, a degree-7 Taylor polynomial for
-/// `e^(f·ln 2)`, and `2^n` built in the exponent bits.
+/// `e^(f·ln 2)`, and `2^n` built in the exponent bits. `FUSED`: the code runs where the CPU
+/// has fused multiply-adds (the caller's target features); otherwise `f32::mul_add` would be
+/// a call to a software fma, so the polynomial uses a multiply and an add.
 #[inline(always)]
-pub fn exp2_nonpos(x: f32) -> f32 {
+pub fn exp2_nonpos<const FUSED: bool>(x: f32) -> f32 {
+    let mul_add = |a: f32, b: f32, c: f32| if FUSED { a.mul_add(b, c) } else { a * b + c };
     // 1.5·2^23: adding it rounds to an integer held in the low mantissa bits.
     const MAGIC: f32 = 12_582_912.0;
-    let xc = x.max(-125.0);
+    // Not `f32::max`, which would turn a NaN into −125 (a NaN must stay NaN).
+    let xc = if x < -125.0 { -125.0 } else { x };
     let y = xc + MAGIC;
     let n = y - MAGIC;
     let ni = (y.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
     // Exact: n is the integer nearest to xc, and |xc| < 2^23.
     let r = (xc - n) * std::f32::consts::LN_2;
     let mut p: f32 = 1.0 / 5040.0;
-    p = p.mul_add(r, 1.0 / 720.0);
-    p = p.mul_add(r, 1.0 / 120.0);
-    p = p.mul_add(r, 1.0 / 24.0);
-    p = p.mul_add(r, 1.0 / 6.0);
-    p = p.mul_add(r, 0.5);
-    p = p.mul_add(r, 1.0);
-    p = p.mul_add(r, 1.0);
+    p = mul_add(p, r, 1.0 / 720.0);
+    p = mul_add(p, r, 1.0 / 120.0);
+    p = mul_add(p, r, 1.0 / 24.0);
+    p = mul_add(p, r, 1.0 / 6.0);
+    p = mul_add(p, r, 0.5);
+    p = mul_add(p, r, 1.0);
+    p = mul_add(p, r, 1.0);
     // n ∈ [-125, 0]: the biased exponent stays in 2..=127, a normal number.
     let scale = f32::from_bits(((ni + 127) as u32) << 23);
     let v = p * scale;
@@ -49,6 +53,7 @@ pub fn softcap(st: &mut [f32], ld: usize, rows: usize, cols: usize, cap: f32) {
 
 /// Running state of one query tile, per query column: max `m`, sum `l`, and `alpha`, the
 /// factor by which the last update rescaled earlier contributions.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 paths only
 pub struct RowState {
     pub m: Vec<f32>,
     pub l: Vec<f32>,
@@ -80,7 +85,13 @@ impl RowState {
     /// seen a key is 1, and the others scale an accumulator that is still 0).
     /// Works on 16 query columns at a time so that maxima and sums stay in registers.
     #[inline(always)]
-    pub fn update(&mut self, st: &mut [f32], ld: usize, cols: usize, keys: usize) -> bool {
+    pub fn update<const FUSED: bool>(
+        &mut self,
+        st: &mut [f32],
+        ld: usize,
+        cols: usize,
+        keys: usize,
+    ) -> bool {
         let mut moved = false;
         for c0 in (0..cols).step_by(LANES) {
             let (Some(m), Some(l), Some(alpha)) = (
@@ -107,7 +118,7 @@ impl RowState {
                 } else {
                     m_new
                 };
-                alpha[q] = exp2_nonpos(m[q] - m_ref[q]);
+                alpha[q] = exp2_nonpos::<FUSED>(m[q] - m_ref[q]);
                 m[q] = m_new;
             }
             let mut sum = [0.0f32; LANES];
@@ -116,7 +127,7 @@ impl RowState {
                     continue;
                 };
                 for ((x, &mr), acc) in s.iter_mut().zip(&m_ref).zip(sum.iter_mut()) {
-                    let e = exp2_nonpos(*x - mr);
+                    let e = exp2_nonpos::<FUSED>(*x - mr);
                     *x = e;
                     *acc += e;
                 }
@@ -158,7 +169,7 @@ impl RowState {
         finite: bool,
     ) -> bool {
         let Some(moved) = self.prepare_avx512(st, ld, cols, keys, block_max) else {
-            return self.update(st, ld, cols, keys);
+            return self.update::<true>(st, ld, cols, keys);
         };
         let base = st.as_mut_ptr();
         let (mref, l) = (self.m_ref.as_ptr(), self.l.as_mut_ptr());
@@ -359,6 +370,7 @@ unsafe fn exp_rows<const V: usize, const CLAMP: bool>(
 
 /// `2^f ≈ Σ c_k f^k` on [0, 1), `c_0 = 1` exactly (so `2^0` is exactly 1): fitted for relative
 /// error (8e-8 in exact arithmetic, 1.5e-7 evaluated in f32 by Horner with FMA).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 paths only
 const EXP2_POLY: [f32; 6] = [
     1.0,
     0.693_151_3,
@@ -381,10 +393,12 @@ fn lanes_mut(row: &mut [f32], c0: usize) -> Option<&mut [f32; LANES]> {
     row.get_mut(c0..c0 + LANES)?.try_into().ok()
 }
 
-/// `max` without NaN bookkeeping (scores are never NaN), one `vmaxps`.
+/// `max` that keeps a NaN from either side (a NaN score, from a NaN in Q or K, must reach
+/// the output as on the AVX-512 path, not vanish behind a finite maximum): a compare and two
+/// blends.
 #[inline(always)]
 fn fmax(a: f32, b: f32) -> f32 {
-    if a > b {
+    if a > b || a.is_nan() {
         a
     } else {
         b
@@ -393,26 +407,32 @@ fn fmax(a: f32, b: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
+    #[cfg(target_arch = "x86_64")]
     use super::super::gemm::Isa;
     use super::*;
 
     #[test]
     fn exp2_is_accurate_and_exact_at_the_ends() {
-        assert_eq!(exp2_nonpos(0.0), 1.0);
-        assert_eq!(exp2_nonpos(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp2_nonpos(-1000.0), 0.0);
-        let mut worst = 0.0f64;
-        let mut x = -125.0f32;
-        while x <= 0.0 {
-            let got = exp2_nonpos(x) as f64;
-            let want = (x as f64).exp2();
-            worst = worst.max(((got - want) / want).abs());
-            x += 0.000_731;
+        fn check(exp2: fn(f32) -> f32, what: &str) {
+            assert_eq!(exp2(0.0), 1.0, "{what}");
+            assert_eq!(exp2(f32::NEG_INFINITY), 0.0, "{what}");
+            assert_eq!(exp2(-1000.0), 0.0, "{what}");
+            let mut worst = 0.0f64;
+            let mut x = -125.0f32;
+            while x <= 0.0 {
+                let got = exp2(x) as f64;
+                let want = (x as f64).exp2();
+                worst = worst.max(((got - want) / want).abs());
+                x += 0.000_731;
+            }
+            assert!(worst < 4e-7, "{what}: worst relative error {worst}");
         }
-        assert!(worst < 4e-7, "worst relative error {worst}");
+        check(exp2_nonpos::<true>, "fused");
+        check(exp2_nonpos::<false>, "multiply and add");
     }
 
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn avx512_exp2_is_accurate_and_exact_at_the_ends() {
         if Isa::detect_vector() != Isa::Avx512 {
             return;
@@ -450,6 +470,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn avx512_update_matches_portable() {
         if Isa::detect_vector() != Isa::Avx512 {
             return;
@@ -475,7 +496,7 @@ mod tests {
                 st.iter_mut().for_each(|x| *x += round as f32);
                 let input = st.clone();
                 let mut st2 = st.clone();
-                let moved_a = a.update(&mut st, ld, cols, keys);
+                let moved_a = a.update::<true>(&mut st, ld, cols, keys);
                 // SAFETY: AVX-512 detected above.
                 let moved_b = unsafe { b.update_avx512(&mut st2, ld, cols, keys, None, false) };
                 assert_eq!(moved_a, round == 1);
@@ -510,7 +531,7 @@ mod tests {
         st[1] = 1.0;
         st[17] = 3.0;
         let mut rs = RowState::new(16);
-        rs.update(&mut st, 16, 16, 2);
+        rs.update::<false>(&mut st, 16, 16, 2);
         assert_eq!(st[0], 0.0);
         assert_eq!(st[16], 0.0);
         assert_eq!(rs.l[0], 0.0);

@@ -29,9 +29,17 @@ pub fn run(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Isa::Avx2 => unsafe { run_avx2(plan, p, inp, out, t) },
-        _ => run_impl(plan, p, inp, out, t),
+        _ => {
+            // Pre-split K/V blocks exist only for the AMX path.
+            let _ = pre;
+            run_impl::<PORTABLE_FMA>(plan, p, inp, out, t)
+        }
     }
 }
+
+/// Whether the portable path may use `f32::mul_add`: where fused multiply-adds are in the
+/// compile-time baseline (every aarch64 CPU has them), not on plain x86-64.
+const PORTABLE_FMA: bool = cfg!(any(target_feature = "fma", target_arch = "aarch64"));
 
 /// One pre-split K/V block (see [`super::presplit`]).
 #[cfg(target_arch = "x86_64")]
@@ -51,7 +59,7 @@ unsafe fn run_avx512(
     out: &OutPtr,
     t: usize,
 ) -> Result<()> {
-    run_impl(plan, p, inp, out, t)
+    run_impl::<true>(plan, p, inp, out, t)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -63,7 +71,7 @@ unsafe fn run_avx2(
     out: &OutPtr,
     t: usize,
 ) -> Result<()> {
-    run_impl(plan, p, inp, out, t)
+    run_impl::<true>(plan, p, inp, out, t)
 }
 
 /// Which (batch, KV head, rows) a task covers, and where each row's keys start and end.
@@ -127,6 +135,7 @@ impl Aligned {
 
     /// For a buffer whose every element is written before it is read (see
     /// [`super::scratch::reused`]).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 paths only
     pub fn scratch(len: usize) -> Aligned {
         Aligned::from_buf(super::scratch::reused(len + 16, 0.0), len)
     }
@@ -174,8 +183,9 @@ struct Scratch {
     block_max: Vec<f32>,
 }
 
+/// `FUSED`: the CPU running this has fused multiply-adds (see [`super::softmax::exp2_nonpos`]).
 #[inline(always)]
-fn run_impl(
+fn run_impl<const FUSED: bool>(
     plan: &Plan,
     p: &AttentionProblem,
     inp: &CpuInputs,
@@ -296,16 +306,16 @@ fn run_impl(
             }),
         )?;
         finish_scores(p, inp, &rows, &mut s.st, ld, j0, nk, boundary, &mut s.row);
-        // Every score finite: no −∞ from masks or boundaries to clamp.
-        let finite = !boundary && p.mask.is_none();
         let moved = match plan.isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => {
                 let bm = plain.then_some(&s.block_max[..]);
+                // Every score finite: no −∞ from masks or boundaries to clamp.
+                let finite = !boundary && p.mask.is_none();
                 // SAFETY: the plan names AVX-512 only when the CPU has it.
                 unsafe { state.update_avx512(&mut s.st, ld, cols, nk, bm, finite) }
             }
-            _ => state.update(&mut s.st, ld, cols, nk),
+            _ => state.update::<FUSED>(&mut s.st, ld, cols, nk),
         };
         let v_off = b * vs[0] + kvh * vs[1] + j0 * vs[2];
         let bmat = match v_direct {
