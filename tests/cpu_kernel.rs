@@ -515,6 +515,44 @@ proptest! {
     }
 }
 
+/// Decoding shapes: at most 8 query rows per task (query length × GQA group), which the plan
+/// sends down the few-rows path (scores row-major), often after a long past.
+fn few_rows(dtype: DType) -> impl Strategy<Value = Case> {
+    (
+        case(dtype),
+        1usize..=8,
+        prop_oneof![1 => Just(0usize), 2 => 1usize..=600],
+    )
+        .prop_map(|(c, q, past)| {
+            Case {
+                q_len: q.min(8 / c.group).max(1),
+                past,
+                ..c
+            }
+            .fit()
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, max_shrink_iters: 100, ..ProptestConfig::default() })]
+
+    /// The few-rows path on every instruction set, fp32, with every attribute and mask kind.
+    #[test]
+    fn few_rows_fp32_every_isa(c in few_rows(DType::F32), isa in prop::sample::select(vec![Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Amx])) {
+        check(&c, isa, 2)?;
+    }
+
+    #[test]
+    fn few_rows_fp16(c in few_rows(DType::F16)) {
+        check(&c, Isa::detect(), 1)?;
+    }
+
+    #[test]
+    fn few_rows_bf16(c in few_rows(DType::BF16)) {
+        check(&c, Isa::detect(), 1)?;
+    }
+}
+
 /// Worst fp32 error against fp64 of both paths on S = 1024 problems (printed with
 /// `--nocapture`): the AMX path's bf16 splitting keeps the error at the vector path's level.
 #[test]

@@ -159,6 +159,63 @@ pub fn gemm(
     Ok(())
 }
 
+/// `C = A·Bᵀ` (`m × n`, row stride `ldc`) with B given by its rows: element (c, kk) of B is
+/// `b.data[b.off + c·b.rs + kk·b.ks]` (K in place, whatever its strides). On the `gemm`
+/// crate's micro-kernels, which pack B as they go. Checks every extent first.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nt(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatA,
+    b: MatA,
+    c: &mut [f32],
+    ldc: usize,
+) -> Result<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if (m - 1) * ldc + n > c.len() || (m > 1 && n > ldc) {
+        return Err(internal("gemm_nt output out of bounds"));
+    }
+    if k == 0 {
+        (0..m).for_each(|r| c[r * ldc..r * ldc + n].fill(0.0));
+        return Ok(());
+    }
+    if a.off + (m - 1) * a.rs + (k - 1) * a.ks >= a.data.len() {
+        return Err(internal("gemm_nt operand A out of bounds"));
+    }
+    if b.off + (n - 1) * b.rs + (k - 1) * b.ks >= b.data.len() {
+        return Err(internal("gemm_nt operand B out of bounds"));
+    }
+    // SAFETY: the last element of each operand along every dimension is in bounds (checked
+    // above) and all strides are non-negative.
+    unsafe {
+        ::gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            false,
+            a.data.as_ptr().add(a.off),
+            a.ks as isize,
+            a.rs as isize,
+            b.data.as_ptr().add(b.off),
+            b.rs as isize,
+            b.ks as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            ::gemm::Parallelism::None,
+        )
+    }
+    Ok(())
+}
+
 /// Every instruction set but AVX-512: the `gemm` crate's micro-kernels (AVX2+FMA on x86-64,
 /// NEON on aarch64, chosen at run time), with the row rescale applied to C before and the
 /// column maxima taken after. The extents were checked by [`gemm`].

@@ -34,6 +34,7 @@ mod split;
 mod tile;
 #[cfg(target_arch = "x86_64")]
 mod tile_amx;
+mod tile_rows;
 
 pub use gemm::Isa;
 
@@ -86,6 +87,12 @@ const BLOCK_KEYS: usize = 64;
 /// 3–4 % faster than 64 (fastest runs, interleaved A/B); 256 was 8 % slower.
 const AMX_BLOCK_KEYS: usize = 128;
 
+/// Query rows per task at most for the few-rows path ([`tile_rows`]: scores row-major, keys
+/// along the lanes) instead of the tiled ones (queries along the lanes).
+const FEW_ROWS: usize = 8;
+/// Keys per block on the few-rows path: its score block is only `rows × 256`.
+const FEW_ROWS_BLOCK_KEYS: usize = 256;
+
 /// How one call is cut into tasks.
 #[derive(Clone, Copy, Debug)]
 pub struct Plan {
@@ -93,6 +100,8 @@ pub struct Plan {
     pub isa: Isa,
     /// Both products on AMX tiles (with `isa` = AVX-512).
     pub amx: bool,
+    /// Tasks of at most [`FEW_ROWS`] rows take the few-rows path ([`tile_rows`]).
+    pub few_rows: bool,
     /// Query rows per task (rows are (query, head-in-group) pairs).
     pub block_rows: usize,
     pub block_keys: usize,
@@ -114,11 +123,18 @@ impl Plan {
             block_rows /= 2;
         }
         let row_blocks = rows.div_ceil(block_rows);
+        let few_rows = block_rows.min(rows) <= FEW_ROWS;
+        let amx = amx && !few_rows;
         Plan {
             isa,
             amx,
+            few_rows,
             block_rows,
-            block_keys: if amx { AMX_BLOCK_KEYS } else { BLOCK_KEYS },
+            block_keys: match (few_rows, amx) {
+                (true, _) => FEW_ROWS_BLOCK_KEYS,
+                (_, true) => AMX_BLOCK_KEYS,
+                _ => BLOCK_KEYS,
+            },
             group,
             row_blocks,
             tasks: p.batch * p.kv_heads * row_blocks,
@@ -284,5 +300,38 @@ pub fn attention_with(
         Err(_) => Err(Error::Other(
             "internal error in the CPU attention kernel: error slot poisoned".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::{validate, AttentionAttrs, ElemType, InputDescs, TensorDesc};
+
+    fn plan(q_len: i64, q_heads: i64, kv_heads: i64, kv_len: i64) -> Plan {
+        let t = |h: i64, s: i64| Some(TensorDesc::new(ElemType::F32, &[1, h, s, 64]));
+        let inputs = InputDescs {
+            q: t(q_heads, q_len),
+            k: t(kv_heads, kv_len),
+            v: t(kv_heads, kv_len),
+            ..Default::default()
+        };
+        let p = validate(&AttentionAttrs::default(), &inputs).unwrap();
+        Plan::new(&p, Isa::Avx512, true)
+    }
+
+    /// Decoding (one query, or a GQA group of up to 8 heads over it) takes the few-rows path
+    /// and leaves AMX; longer queries keep the tiled paths.
+    #[test]
+    fn few_rows_path_is_chosen_for_decoding_shapes() {
+        for (q_len, q_heads, kv_heads) in [(1, 12, 12), (1, 32, 8), (2, 8, 2), (8, 4, 4)] {
+            let pl = plan(q_len, q_heads, kv_heads, 2048);
+            assert!(pl.few_rows && !pl.amx, "{q_len} {q_heads}/{kv_heads}");
+            assert_eq!(pl.block_keys, FEW_ROWS_BLOCK_KEYS);
+        }
+        for (q_len, q_heads, kv_heads) in [(9, 4, 4), (1, 32, 2), (64, 12, 12)] {
+            let pl = plan(q_len, q_heads, kv_heads, 2048);
+            assert!(!pl.few_rows && pl.amx, "{q_len} {q_heads}/{kv_heads}");
+        }
     }
 }

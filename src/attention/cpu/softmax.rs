@@ -140,6 +140,54 @@ impl RowState {
     }
 }
 
+/// The row-major form of [`RowState::update`], for the few-rows path: `s` holds `rows` rows
+/// of `keys` scores (row stride `lds`, keys along the vector lanes). Turns them into
+/// probabilities relative to each row's updated running max `m`, updates the sums `l`, sets
+/// `alpha` (the factor for the output accumulator's rows) and returns whether some row's max
+/// moved from a finite value. 16 independent lanes for the max and the sum, so both vectorize.
+#[inline(always)]
+pub fn update_rows<const FUSED: bool>(
+    s: &mut [f32],
+    lds: usize,
+    rows: usize,
+    keys: usize,
+    m: &mut [f32],
+    l: &mut [f32],
+    alpha: &mut [f32],
+) -> bool {
+    let mut moved = false;
+    for (r, row) in s.chunks_mut(lds).take(rows).enumerate() {
+        let row = &mut row[..keys];
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        for chunk in row.chunks(LANES) {
+            for (b, &x) in lanes.iter_mut().zip(chunk) {
+                *b = fmax(*b, x);
+            }
+        }
+        let bm = lanes.iter().fold(f32::NEG_INFINITY, |a, &x| fmax(a, x));
+        let m_new = fmax(m[r], bm);
+        moved |= m_new > m[r] && m[r] > f32::NEG_INFINITY;
+        // Where nothing is visible yet, subtract 0 so that −∞ − m_ref stays −∞.
+        let m_ref = if m_new == f32::NEG_INFINITY {
+            0.0
+        } else {
+            m_new
+        };
+        alpha[r] = exp2_nonpos::<FUSED>(m[r] - m_ref);
+        m[r] = m_new;
+        let mut sums = [0.0f32; LANES];
+        for chunk in row.chunks_mut(LANES) {
+            for (x, acc) in chunk.iter_mut().zip(sums.iter_mut()) {
+                let e = exp2_nonpos::<FUSED>(*x - m_ref);
+                *x = e;
+                *acc += e;
+            }
+        }
+        l[r] = l[r] * alpha[r] + sums.iter().sum::<f32>();
+    }
+    moved
+}
+
 #[cfg(target_arch = "x86_64")]
 impl RowState {
     /// [`RowState::update`] with AVX-512 intrinsics: `2^x = 2^⌊x⌋ · p(x − ⌊x⌋)` with the

@@ -19,6 +19,9 @@ pub fn run(
     t: usize,
     pre: Option<&[PreBlock]>,
 ) -> Result<()> {
+    if plan.few_rows {
+        return super::tile_rows::run(plan, p, inp, out, t);
+    }
     match plan.isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the plan asks for AMX only when `amx::supported()` said yes.
@@ -39,7 +42,7 @@ pub fn run(
 
 /// Whether the portable path may use `f32::mul_add`: where fused multiply-adds are in the
 /// compile-time baseline (every aarch64 CPU has them), not on plain x86-64.
-const PORTABLE_FMA: bool = cfg!(any(target_feature = "fma", target_arch = "aarch64"));
+pub(super) const PORTABLE_FMA: bool = cfg!(any(target_feature = "fma", target_arch = "aarch64"));
 
 /// One pre-split K/V block (see [`super::presplit`]).
 #[cfg(target_arch = "x86_64")]
@@ -305,7 +308,17 @@ fn run_impl<const FUSED: bool>(
                 len: dv,
             }),
         )?;
-        finish_scores(p, inp, &rows, &mut s.st, ld, j0, nk, boundary, &mut s.row);
+        finish_scores(
+            p,
+            inp,
+            &rows,
+            &mut s.st,
+            Layout::transposed(ld),
+            j0,
+            nk,
+            boundary,
+            &mut s.row,
+        );
         let moved = match plan.isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => {
@@ -372,8 +385,27 @@ fn run_impl<const FUSED: bool>(
     write_out(p, &rows, &s.o, &state.l, out)
 }
 
-/// Softcap and masks on one block's scores `Sᵀ` (`nk` keys from `j0` × the task's rows, row
-/// stride `ld`); `boundary` says whether some row's visible range ends inside the block.
+/// How a block of scores is laid out: element (key `j` of the block, task row `r`) at
+/// `j·key_stride + r·row_stride`. The tiled paths keep `Sᵀ` (keys × rows, row stride 1);
+/// the few-rows path ([`super::tile_rows`]) keeps `S` (rows × keys, key stride 1).
+#[derive(Clone, Copy)]
+pub(super) struct Layout {
+    pub key_stride: usize,
+    pub row_stride: usize,
+}
+
+impl Layout {
+    /// `Sᵀ` with row stride `ld`.
+    pub fn transposed(ld: usize) -> Layout {
+        Layout {
+            key_stride: ld,
+            row_stride: 1,
+        }
+    }
+}
+
+/// Softcap and masks on one block's scores (`nk` keys from `j0` × the task's rows, laid out as
+/// `at` says); `boundary` says whether some row's visible range ends inside the block.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn finish_scores(
@@ -381,23 +413,32 @@ pub(super) fn finish_scores(
     inp: &CpuInputs,
     rows: &Rows,
     st: &mut [f32],
-    ld: usize,
+    at: Layout,
     j0: usize,
     nk: usize,
     boundary: bool,
     buf: &mut [f32],
 ) {
     let n = rows.head_pos.len();
+    let Layout {
+        key_stride: kst,
+        row_stride: rst,
+    } = at;
     if p.softcap > 0.0 {
         // c·tanh(s/c) in log2 units is (c·log2 e)·tanh(s'/(c·log2 e)) for s' = s·log2 e.
-        softcap(st, ld, nk, n, p.softcap * std::f32::consts::LOG2_E);
+        let cap = p.softcap * std::f32::consts::LOG2_E;
+        if rst == 1 {
+            softcap(st, kst, nk, n, cap);
+        } else {
+            softcap(st, rst, n, nk, cap);
+        }
     }
     if boundary {
         for r in 0..n {
             let lo = rows.lo[r].clamp(j0, j0 + nk);
             let hi = rows.hi_key[r].clamp(lo, j0 + nk);
             for j in (j0..lo).chain(hi..j0 + nk) {
-                st[(j - j0) * ld + r] = f32::NEG_INFINITY;
+                st[(j - j0) * kst + r * rst] = f32::NEG_INFINITY;
             }
         }
     }
@@ -408,7 +449,7 @@ pub(super) fn finish_scores(
             let off = rows.b * ms[0] + h * ms[1] + i * ms[2] + j0 * ms[3];
             load_mask_row(mask, off, ms[3], terms);
             for (j, &m) in terms.iter().enumerate() {
-                st[j * ld + r] += m * std::f32::consts::LOG2_E;
+                st[j * kst + r * rst] += m * std::f32::consts::LOG2_E;
             }
         }
     }

@@ -11,7 +11,7 @@ use super::amx::{self, Tiles};
 use super::convert::load_row;
 use super::softmax::{RowState, LANES};
 use super::split::{self, APack, BPack};
-use super::tile::{finish_scores, write_out, Aligned, PreBlock, Rows};
+use super::tile::{finish_scores, write_out, Aligned, Layout, PreBlock, Rows};
 use super::{OutPtr, Plan};
 use crate::attention::{AttentionProblem, CpuInputs, Elems};
 use crate::Result;
@@ -121,7 +121,17 @@ pub unsafe fn run(
         let finite = !boundary && p.mask.is_none();
         let (mtk, kcv) = (nk.div_ceil(16), nk.div_ceil(32));
         amx::gemm(kpack, mtk, &qpack, dk, &mut st, ld, true)?;
-        finish_scores(p, inp, &rows, &mut st, ld, j0, nk, boundary, &mut row);
+        finish_scores(
+            p,
+            inp,
+            &rows,
+            &mut st,
+            Layout::transposed(ld),
+            j0,
+            nk,
+            boundary,
+            &mut row,
+        );
         // Running max and sum, output rescale, and P straight from the scores into its
         // packed parts (no f32 P tile), 16 queries at a time.
         let (m, l) = (&mut state.m, &mut state.l);
