@@ -3,6 +3,7 @@ cpu_attention` in its own process so that its peak memory is its own.
 
 usage: peers_cpu.py IMPL S THREADS [LIB [SECONDS]]
        peers_cpu.py ab S THREADS SECONDS LIB_A LIB_B
+       peers_cpu.py decode HEADS SQ SKV D THREADS SECONDS LIB [LIB_B]
   IMPL: unfused   MatMul -> Mul -> Softmax -> MatMul graph (as ../shared/bench/peers_ort_cpu.py)
         mha       com.microsoft.MultiHeadAttention
         flash_op  com.flash.FlashAttention from LIB (libflash_ort.so)
@@ -10,6 +11,8 @@ usage: peers_cpu.py IMPL S THREADS [LIB [SECONDS]]
                   (default 20): the ratios of each round's times, taken at the same moments
         ab        the op from two builds of the library (before and after a change), one
                   iteration of each in turn: time A / time B per round (> 1: B is faster)
+        decode    SQ new queries against SKV keys (HEADS heads, head size D): the op (from LIB,
+                  and LIB_B when given) and the unfused graph in turn for SECONDS
 Prints one JSON line: gflops (wall clock), cpu_gflops (flops per second of process CPU time,
 all threads), seconds of the fastest iteration, iterations, peak RSS (MiB) and the RSS after imports (MiB); for `paired`, per-round ratios (median and quartiles) and median GFLOP/s. Fixed shape: batch 1, 8 heads, head size 64, fp32, non-causal.
 Environment: FLASH_BENCH_MEM_LIMIT_GB caps the address space so that an oversized graph fails
@@ -139,6 +142,57 @@ def ab(n, threads, seconds, lib_a, lib_b):
     }))
 
 
+def decode(heads, sq, skv, d, threads, seconds, libs):
+    """Decoding shapes (a few new queries against a long past, as an LLM's generation step
+    with the past passed as K/V): the op from each library and the unfused graph, in turn."""
+
+    def model(impl):
+        q = helper.make_tensor_value_info("q", F, [1, heads, sq, d])
+        kv = [helper.make_tensor_value_info(n, F, [1, heads, skv, d]) for n in "kv"]
+        out = [helper.make_tensor_value_info("o", F, [1, heads, sq, d])]
+        if impl == "unfused":
+            nodes = [
+                helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+                helper.make_node("MatMul", ["q", "kt"], ["s"]),
+                helper.make_node("Mul", ["s", "scale"], ["ss"]),
+                helper.make_node("Softmax", ["ss"], ["p"], axis=-1),
+                helper.make_node("MatMul", ["p", "v"], ["o"]),
+            ]
+            g = helper.make_graph(nodes, "g", [q, *kv], out,
+                                  [helper.make_tensor("scale", F, [], [d**-0.5])])
+            return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+        node = helper.make_node("FlashAttention", ["q", "k", "v"], ["o"], domain="com.flash")
+        g = helper.make_graph([node], "g", [q, *kv], out)
+        ops = [helper.make_opsetid("", 17), helper.make_opsetid("com.flash", 1)]
+        return helper.make_model(g, opset_imports=ops, ir_version=9)
+
+    rng = np.random.default_rng(0)
+    feeds = {"q": rng.standard_normal((1, heads, sq, d), dtype=np.float32),
+             "k": rng.standard_normal((1, heads, skv, d), dtype=np.float32),
+             "v": rng.standard_normal((1, heads, skv, d), dtype=np.float32)}
+    sessions = []
+    for lib in [None, *libs]:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.intra_op_num_threads = threads
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if lib:
+            so.register_custom_ops_library(lib)
+        sess = ort.InferenceSession(model("op" if lib else "unfused").SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+        sess.run(None, feeds)
+        sessions.append((sess, feeds))
+    times = in_turn(sessions, seconds)
+    res = {"impl": "decode", "heads": heads, "sq": sq, "skv": skv, "d": d, "threads": threads,
+           "rounds": len(times[0]), "us_best": {}, "us_median": {}}
+    for name, t in zip(["unfused", *[f"op{i}" for i in range(len(libs))]], times):
+        res["us_best"][name] = float(t.min() * 1e6)
+        res["us_median"][name] = float(np.median(t) * 1e6)
+        if name != "unfused":
+            res[f"{name}_vs_unfused"] = spread(times[0] / t)
+    print(json.dumps(res))
+
+
 def main():
     impl, n, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     limit = os.environ.get("FLASH_BENCH_MEM_LIMIT_GB")
@@ -147,6 +201,10 @@ def main():
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     if impl == "ab":
         ab(n, threads, float(sys.argv[4]), sys.argv[5], sys.argv[6])
+        return
+    if impl == "decode":
+        a = sys.argv
+        decode(int(a[2]), int(a[3]), int(a[4]), int(a[5]), int(a[6]), float(a[7]), a[8:])
         return
     lib = sys.argv[4] if len(sys.argv) > 4 else None
     if impl == "paired":

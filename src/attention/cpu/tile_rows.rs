@@ -134,7 +134,7 @@ fn run_impl<const FUSED: bool>(
                 }
             }
         };
-        gemm_nt(n, nk, d, qmat, kmat, &mut s, bc)?;
+        scores(plan.isa, n, nk, d, qmat, kmat, &mut s, bc)?;
         let boundary = j0 < rows.lo[last] || j0 + nk > rows.hi_key[0];
         let at = Layout {
             key_stride: 1,
@@ -178,4 +178,126 @@ fn run_impl<const FUSED: bool>(
         j0 += nk;
     }
     write_out(p, &rows, &o, &l, out)
+}
+
+/// `S = Q·Kᵀ` for the block: `n` query rows (row-major, `d` wide) against `nk` K rows, into
+/// `s` (row stride `lds`). With AVX-512 and K rows contiguous, dot products 16 keys at a time
+/// ([`avx512::scores`]); otherwise the `gemm` crate.
+#[allow(clippy::too_many_arguments)]
+fn scores(
+    isa: super::gemm::Isa,
+    n: usize,
+    nk: usize,
+    d: usize,
+    q: MatA,
+    k: MatA,
+    s: &mut [f32],
+    lds: usize,
+) -> Result<()> {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx512 | Isa::Amx) && k.ks == 1 && q.ks == 1 && n > 0 && nk > 0 {
+        if d == 0
+            || q.off + (n - 1) * q.rs + d > q.data.len()
+            || k.off + (nk - 1) * k.rs + d > k.data.len()
+            || (n - 1) * lds + nk > s.len()
+            || nk > lds
+        {
+            return Err(crate::Error::Other(
+                "internal error in the CPU attention kernel: score block out of bounds".into(),
+            ));
+        }
+        // SAFETY: AVX-512F (the plan names it only when the CPU has it); extents checked.
+        unsafe { avx512::scores(n, nk, d, q, k, s, lds) };
+        return Ok(());
+    }
+    let _ = isa;
+    gemm_nt(n, nk, d, q, k, s, lds)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! Scores of a few query rows by dot products: for 16 keys at a time, one accumulator
+    //! vector per key (partial sums over the head dimension, K rows read contiguously), then a
+    //! four-step shuffle tree turns the 16 accumulators into one vector of 16 scores. Every
+    //! multiply-add is useful work, where the tiled GEMMs would spend 15 of 16 lanes on absent
+    //! query rows when a task has one.
+    use super::MatA;
+    use std::arch::x86_64::*;
+
+    /// Accumulator `i` holds key `PERM[i]` of the group, so that the tree below leaves key `j`
+    /// in lane `j` (the tree transposes a 4 × 4 arrangement of the keys).
+    const PERM: [usize; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15];
+
+    /// # Safety
+    /// AVX-512F; `q` holds `n` rows of `d` (unit stride), `k` holds `nk` rows of `d` (unit
+    /// stride), `s` holds `n` rows of `nk` at stride `lds` (all checked by the caller).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn scores(
+        n: usize,
+        nk: usize,
+        d: usize,
+        q: MatA,
+        k: MatA,
+        s: &mut [f32],
+        lds: usize,
+    ) {
+        let qp = q.data.as_ptr().add(q.off);
+        let kp = k.data.as_ptr().add(k.off);
+        let sp = s.as_mut_ptr();
+        for j0 in (0..nk).step_by(16) {
+            let kb = (nk - j0).min(16);
+            // Keys past the block's end reread its last row; their lanes are not stored.
+            let rows: [*const f32; 16] =
+                std::array::from_fn(|i| kp.add((j0 + PERM[i]).min(nk - 1) * k.rs));
+            for r in 0..n {
+                let qr = qp.add(r * q.rs);
+                let mut acc = [_mm512_setzero_ps(); 16];
+                let mut c = 0;
+                while c < d {
+                    let m: __mmask16 = if d - c >= 16 {
+                        0xFFFF
+                    } else {
+                        (1u16 << (d - c)) - 1
+                    };
+                    let qv = _mm512_maskz_loadu_ps(m, qr.add(c));
+                    for (a, row) in acc.iter_mut().zip(&rows) {
+                        *a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, row.add(c)), qv, *a);
+                    }
+                    c += 16;
+                }
+                let out = reduce16(&acc);
+                let keep: __mmask16 = if kb == 16 { 0xFFFF } else { (1u16 << kb) - 1 };
+                _mm512_mask_storeu_ps(sp.add(r * lds + j0), keep, out);
+            }
+        }
+    }
+
+    /// Lane `i` of the result is the sum of all lanes of `a[PERM⁻¹…]`: 128-bit quarters,
+    /// then halves of quarters, then single lanes are folded pairwise.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn reduce16(a: &[__m512; 16]) -> __m512 {
+        let v: [__m512; 8] = std::array::from_fn(|i| {
+            let (x, y) = (a[2 * i], a[2 * i + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b01_00_01_00>(x, y),
+                _mm512_shuffle_f32x4::<0b11_10_11_10>(x, y),
+            )
+        });
+        let w: [__m512; 4] = std::array::from_fn(|i| {
+            let (x, y) = (v[2 * i], v[2 * i + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
+            )
+        });
+        let z: [__m512; 2] = std::array::from_fn(|i| {
+            let (x, y) = (w[2 * i], w[2 * i + 1]);
+            _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y))
+        });
+        _mm512_add_ps(
+            _mm512_shuffle_ps::<0b01_00_01_00>(z[0], z[1]),
+            _mm512_shuffle_ps::<0b11_10_11_10>(z[0], z[1]),
+        )
+    }
 }
