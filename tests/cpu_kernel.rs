@@ -533,6 +533,43 @@ fn few_rows(dtype: DType) -> impl Strategy<Value = Case> {
         })
 }
 
+/// Decoding with one K/V head and batch 1 over a long past: fewer row tasks than cores, so
+/// on a machine with two or more cores the keys are split across tasks and the chunks'
+/// partial results combined (flash-decoding).
+fn split_keys(dtype: DType) -> impl Strategy<Value = Case> {
+    (
+        few_rows(dtype),
+        prop::sample::select(vec![8usize, 32, 64]),
+        2048usize..=3500,
+    )
+        .prop_map(|(c, d, past)| {
+            Case {
+                batch: 1,
+                kv_heads: 1,
+                d,
+                dv: d,
+                past,
+                new_kv: c.new_kv.min(64),
+                ..c
+            }
+            .fit()
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, max_shrink_iters: 100, ..ProptestConfig::default() })]
+
+    #[test]
+    fn split_keys_fp32_every_isa(c in split_keys(DType::F32), isa in prop::sample::select(vec![Isa::Portable, Isa::Avx2, Isa::Avx512])) {
+        check(&c, isa, 2)?;
+    }
+
+    #[test]
+    fn split_keys_fp16(c in split_keys(DType::F16)) {
+        check(&c, Isa::detect(), 2)?;
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, max_shrink_iters: 100, ..ProptestConfig::default() })]
 

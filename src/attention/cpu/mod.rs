@@ -73,11 +73,15 @@ const TASKS_PER_CORE: usize = 4;
 const MIN_TASKS: usize = 8;
 const MAX_MIN_TASKS: usize = 64;
 
+/// Cores this process may use (read once).
+fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(4, |n| n.get()))
+}
+
 /// The least number of tasks a call is cut into where rows allow (see [`TASKS_PER_CORE`]).
 fn min_tasks() -> usize {
-    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(4, |n| n.get()));
-    (TASKS_PER_CORE * cores).clamp(MIN_TASKS, MAX_MIN_TASKS)
+    (TASKS_PER_CORE * cores()).clamp(MIN_TASKS, MAX_MIN_TASKS)
 }
 /// Keys per block: the score tile is `BLOCK_KEYS × BLOCK_ROWS` f32.
 const BLOCK_KEYS: usize = 64;
@@ -92,6 +96,9 @@ const AMX_BLOCK_KEYS: usize = 128;
 const FEW_ROWS: usize = 8;
 /// Keys per block on the few-rows path: its score block is only `rows × 256`.
 const FEW_ROWS_BLOCK_KEYS: usize = 256;
+/// Keys per chunk at least when a few-rows call splits its keys across tasks (so that
+/// combining the chunks' partial results stays a small fraction of the work).
+const MIN_SPLIT_KEYS: usize = 1024;
 
 /// How one call is cut into tasks.
 #[derive(Clone, Copy, Debug)]
@@ -109,6 +116,10 @@ pub struct Plan {
     pub group: usize,
     /// Row blocks per (batch, KV head).
     pub row_blocks: usize,
+    /// Chunks the keys of each row block are cut into, one task each, their partial results
+    /// combined at the end (flash-decoding): more than 1 only on the few-rows path, when there
+    /// are fewer row blocks than cores and enough keys.
+    pub key_splits: usize,
     pub tasks: usize,
 }
 
@@ -125,6 +136,15 @@ impl Plan {
         let row_blocks = rows.div_ceil(block_rows);
         let few_rows = block_rows.min(rows) <= FEW_ROWS;
         let amx = amx && !few_rows;
+        let row_tasks = p.batch * p.kv_heads * row_blocks;
+        let key_splits = if few_rows && row_tasks > 0 && row_tasks < cores() {
+            cores()
+                .div_ceil(row_tasks)
+                .min(p.kv_len / MIN_SPLIT_KEYS)
+                .max(1)
+        } else {
+            1
+        };
         Plan {
             isa,
             amx,
@@ -137,8 +157,17 @@ impl Plan {
             },
             group,
             row_blocks,
-            tasks: p.batch * p.kv_heads * row_blocks,
+            key_splits,
+            tasks: row_tasks * key_splits,
         }
+    }
+
+    /// Keys of chunk `i` of [`Plan::key_splits`]: whole blocks, the last chunk shorter.
+    pub fn key_chunk(&self, i: usize, kv_len: usize) -> std::ops::Range<usize> {
+        let size = kv_len
+            .div_ceil(self.key_splits)
+            .next_multiple_of(self.block_keys);
+        (i * size).min(kv_len)..((i + 1) * size).min(kv_len)
     }
 }
 
@@ -289,7 +318,34 @@ pub fn attention_with(
             u0 = u1;
         }
     }
-    if presplit.is_none() {
+    if plan.key_splits > 1 {
+        // Each task leaves its chunk's partial result; each row block's are combined after.
+        let parts: Vec<Mutex<Option<tile_rows::Partial>>> =
+            (0..plan.tasks).map(|_| Mutex::new(None)).collect();
+        par.for_each(plan.tasks, &|t| {
+            guarded("task", t, &|| {
+                let part = tile_rows::run_partial(&plan, p, inp, t)?;
+                if let Ok(mut slot) = parts[t].lock() {
+                    *slot = Some(part);
+                }
+                Ok(())
+            })
+        });
+        if failure.lock().is_ok_and(|f| f.is_none()) {
+            let parts: Vec<tile_rows::Partial> = parts
+                .into_iter()
+                .filter_map(|m| m.into_inner().ok().flatten())
+                .collect();
+            if parts.len() != plan.tasks {
+                return Err(Error::Other(
+                    "internal error in the CPU attention kernel: a key chunk left no result".into(),
+                ));
+            }
+            for chunks in parts.chunks(plan.key_splits) {
+                tile_rows::combine(p, chunks, &out)?;
+            }
+        }
+    } else if presplit.is_none() {
         par.for_each(plan.tasks, &|t| {
             guarded("task", t, &|| tile::run(&plan, p, inp, &out, t, None))
         });
@@ -333,5 +389,26 @@ mod tests {
             let pl = plan(q_len, q_heads, kv_heads, 2048);
             assert!(!pl.few_rows && pl.amx, "{q_len} {q_heads}/{kv_heads}");
         }
+    }
+
+    /// With fewer row tasks than cores, a long past is cut into whole-block chunks that cover
+    /// every key once; a short one, or a call with enough row tasks, is not.
+    #[test]
+    fn keys_split_only_where_cores_would_idle() {
+        let long = plan(1, 4, 1, 5000);
+        if cores() >= 2 {
+            assert_eq!(long.key_splits, cores().min(5000 / MIN_SPLIT_KEYS));
+        }
+        assert_eq!(long.tasks, long.key_splits);
+        let mut next = 0;
+        for i in 0..long.key_splits {
+            let c = long.key_chunk(i, 5000);
+            assert_eq!(c.start, next);
+            assert!(c.start.is_multiple_of(long.block_keys) && c.end > c.start);
+            next = c.end;
+        }
+        assert_eq!(next, 5000);
+        assert_eq!(plan(1, 4, 1, 1500).key_splits, 1);
+        assert_eq!(plan(64, 4, 1, 5000).key_splits, 1);
     }
 }

@@ -18,7 +18,16 @@ use super::{OutPtr, Plan};
 use crate::attention::{AttentionProblem, CpuInputs, Elems};
 use crate::Result;
 
-/// Runs task `t` with the instruction set the plan chose.
+/// A task's unnormalized result over its keys: for each of its rows, the output
+/// accumulator `o` (`dv` wide), the running max `m` (log2 units) and the sum `l`.
+pub struct Partial {
+    pub rows: Rows,
+    pub o: Vec<f32>,
+    pub m: Vec<f32>,
+    pub l: Vec<f32>,
+}
+
+/// Runs task `t` (all of its rows' keys) and writes its rows of Y.
 pub fn run(
     plan: &Plan,
     p: &AttentionProblem,
@@ -26,15 +35,70 @@ pub fn run(
     out: &OutPtr,
     t: usize,
 ) -> Result<()> {
+    let part = run_partial(plan, p, inp, t)?;
+    write_out(p, &part.rows, &part.o, &part.l, out)
+}
+
+/// Runs task `t` over its share of the keys: chunk `t % key_splits` of row task
+/// `t / key_splits` (see [`Plan::key_splits`]).
+pub fn run_partial(
+    plan: &Plan,
+    p: &AttentionProblem,
+    inp: &CpuInputs,
+    t: usize,
+) -> Result<Partial> {
     match plan.isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Plan::isa` only names instruction sets the CPU reported.
-        Isa::Avx512 | Isa::Amx => unsafe { run_avx512(plan, p, inp, out, t) },
+        Isa::Avx512 | Isa::Amx => unsafe { run_avx512(plan, p, inp, t) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2 => unsafe { run_avx2(plan, p, inp, out, t) },
-        _ => run_impl::<{ super::tile::PORTABLE_FMA }>(plan, p, inp, out, t),
+        Isa::Avx2 => unsafe { run_avx2(plan, p, inp, t) },
+        _ => run_impl::<{ super::tile::PORTABLE_FMA }>(plan, p, inp, t),
     }
+}
+
+/// Y's rows of one row task from its `key_splits` partial results: each chunk's accumulator
+/// and sum rescaled to the common maximum, added, then normalized once.
+pub fn combine(p: &AttentionProblem, parts: &[Partial], out: &OutPtr) -> Result<()> {
+    let Some(first) = parts.first() else {
+        return Ok(());
+    };
+    let (n, dv) = (first.m.len(), p.v_head_dim);
+    let mut o = vec![0.0f32; n * dv];
+    let mut l = vec![0.0f32; n];
+    for r in 0..n {
+        // A NaN max (from a NaN score) must reach the output, as on the one-task path.
+        let m = parts
+            .iter()
+            .map(|c| c.m[r])
+            .fold(
+                f32::NEG_INFINITY,
+                |a, x| {
+                    if x > a || x.is_nan() {
+                        x
+                    } else {
+                        a
+                    }
+                },
+            );
+        for c in parts {
+            // A chunk that saw no key (m = −∞) contributes nothing; exp2(−∞) is 0.
+            let w = if c.m[r] == f32::NEG_INFINITY {
+                0.0
+            } else {
+                (c.m[r] - m).exp2()
+            };
+            l[r] += c.l[r] * w;
+            for (x, &y) in o[r * dv..(r + 1) * dv]
+                .iter_mut()
+                .zip(&c.o[r * dv..(r + 1) * dv])
+            {
+                *x += y * w;
+            }
+        }
+    }
+    write_out(p, &first.rows, &o, &l, out)
 }
 
 // The same body compiled per instruction set, so that the softmax loops use the widest
@@ -45,10 +109,9 @@ unsafe fn run_avx512(
     plan: &Plan,
     p: &AttentionProblem,
     inp: &CpuInputs,
-    out: &OutPtr,
     t: usize,
-) -> Result<()> {
-    run_impl::<true>(plan, p, inp, out, t)
+) -> Result<Partial> {
+    run_impl::<true>(plan, p, inp, t)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -57,10 +120,9 @@ unsafe fn run_avx2(
     plan: &Plan,
     p: &AttentionProblem,
     inp: &CpuInputs,
-    out: &OutPtr,
     t: usize,
-) -> Result<()> {
-    run_impl::<true>(plan, p, inp, out, t)
+) -> Result<Partial> {
+    run_impl::<true>(plan, p, inp, t)
 }
 
 #[inline(always)]
@@ -68,18 +130,23 @@ fn run_impl<const FUSED: bool>(
     plan: &Plan,
     p: &AttentionProblem,
     inp: &CpuInputs,
-    out: &OutPtr,
     t: usize,
-) -> Result<()> {
-    let rows = Rows::new(plan, p, inp, t);
+) -> Result<Partial> {
+    let rows = Rows::new(plan, p, inp, t / plan.key_splits);
     let n = rows.head_pos.len();
     let (d, dv, bc) = (p.head_dim, p.v_head_dim, plan.block_keys);
     let (b, kvh) = (rows.b, rows.kvh);
-    let mut o = vec![0.0f32; n * dv];
+    let o = vec![0.0f32; n * dv];
+    let (m, l) = (vec![f32::NEG_INFINITY; n], vec![0.0f32; n]);
+    // This task's chunk of the keys, intersected with what its rows see.
+    let chunk = plan.key_chunk(t % plan.key_splits, p.kv_len);
     let (j_start, j_end) = match (rows.lo.first(), rows.hi_key.last()) {
-        (Some(&lo), Some(&hi)) if hi > lo => (lo, hi),
-        _ => return write_out(p, &rows, &o, &[], out),
+        (Some(&lo), Some(&hi)) if hi.min(chunk.end) > lo.max(chunk.start) => {
+            (lo.max(chunk.start), hi.min(chunk.end))
+        }
+        _ => return Ok(Partial { rows, o, m, l }),
     };
+    let mut o = o;
     // The task's query rows, scaled into log2 units (the softmax then needs 2^x), row-major.
     let mut q = vec![0.0f32; n * d];
     let qs = p.q_strides;
@@ -177,7 +244,7 @@ fn run_impl<const FUSED: bool>(
         )?;
         j0 += nk;
     }
-    write_out(p, &rows, &o, &l, out)
+    Ok(Partial { rows, o, m, l })
 }
 
 /// `S = Q·Kᵀ` for the block: `n` query rows (row-major, `d` wide) against `nk` K rows, into
