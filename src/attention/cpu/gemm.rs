@@ -159,6 +159,34 @@ pub fn gemm(
     Ok(())
 }
 
+/// The extents of `C = A·Bᵀ` (`m × n × k`, `m` and `n` non-zero; see [`gemm_nt`]) against the
+/// slices: a row of C fits its stride and C its slice, and (for `k > 0`) the last element of
+/// each operand along every dimension is in bounds. Shared by [`gemm_nt`] and the few-rows path's own AVX-512 score kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn check_nt(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatA,
+    b: MatA,
+    c_len: usize,
+    ldc: usize,
+) -> Result<()> {
+    if (m - 1) * ldc + n > c_len || n > ldc {
+        return Err(internal("gemm_nt output out of bounds"));
+    }
+    if k == 0 {
+        return Ok(());
+    }
+    if a.off + (m - 1) * a.rs + (k - 1) * a.ks >= a.data.len() {
+        return Err(internal("gemm_nt operand A out of bounds"));
+    }
+    if b.off + (n - 1) * b.rs + (k - 1) * b.ks >= b.data.len() {
+        return Err(internal("gemm_nt operand B out of bounds"));
+    }
+    Ok(())
+}
+
 /// `C = A·Bᵀ` (`m × n`, row stride `ldc`) with B given by its rows: element (c, kk) of B is
 /// `b.data[b.off + c·b.rs + kk·b.ks]` (K in place, whatever its strides). On the `gemm`
 /// crate's micro-kernels, which pack B as they go. Checks every extent first.
@@ -175,45 +203,53 @@ pub fn gemm_nt(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    if (m - 1) * ldc + n > c.len() || (m > 1 && n > ldc) {
-        return Err(internal("gemm_nt output out of bounds"));
-    }
+    check_nt(m, n, k, a, b, c.len(), ldc)?;
     if k == 0 {
         (0..m).for_each(|r| c[r * ldc..r * ldc + n].fill(0.0));
         return Ok(());
     }
-    if a.off + (m - 1) * a.rs + (k - 1) * a.ks >= a.data.len() {
-        return Err(internal("gemm_nt operand A out of bounds"));
-    }
-    if b.off + (n - 1) * b.rs + (k - 1) * b.ks >= b.data.len() {
-        return Err(internal("gemm_nt operand B out of bounds"));
-    }
-    // SAFETY: the last element of each operand along every dimension is in bounds (checked
-    // above) and all strides are non-negative.
-    unsafe {
-        ::gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            ldc as isize,
-            false,
-            a.data.as_ptr().add(a.off),
-            a.ks as isize,
-            a.rs as isize,
-            b.data.as_ptr().add(b.off),
-            b.rs as isize,
-            b.ks as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            ::gemm::Parallelism::None,
-        )
-    }
+    // SAFETY: extents checked above; all strides are non-negative.
+    unsafe { crate_gemm(m, n, k, c, ldc, false, a, (b.data, b.off, b.ks, b.rs)) };
     Ok(())
+}
+
+/// `C (+)= A·B` on the `gemm` crate: element (kk, c) of B at `b[b_off + kk·b_rs + c·b_cs]`,
+/// C row-major with stride `ldc`; `accumulate` adds to C instead of overwriting it.
+///
+/// # Safety
+/// `m, n, k > 0`, and every element the strides reach lies inside the slices.
+#[allow(clippy::too_many_arguments)]
+unsafe fn crate_gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    a: MatA,
+    (b, b_off, b_rs, b_cs): (&[f32], usize, usize, usize),
+) {
+    ::gemm::gemm(
+        m,
+        n,
+        k,
+        c.as_mut_ptr(),
+        1,
+        ldc as isize,
+        accumulate,
+        a.data.as_ptr().add(a.off),
+        a.ks as isize,
+        a.rs as isize,
+        b.as_ptr().add(b_off),
+        b_cs as isize,
+        b_rs as isize,
+        1.0f32,
+        1.0f32,
+        false,
+        false,
+        false,
+        ::gemm::Parallelism::None,
+    )
 }
 
 /// Every instruction set but AVX-512: the `gemm` crate's micro-kernels (AVX2+FMA on x86-64,
@@ -241,31 +277,10 @@ fn gemm_crate(
             (0..m).for_each(|r| c[r * ldc..r * ldc + n].fill(0.0));
         }
     } else {
+        let accumulate = !matches!(init, Init::Zero);
         // SAFETY: every element read or written lies inside the slices (checked by `gemm`:
         // the last row/column of each operand is in bounds and all strides are positive).
-        unsafe {
-            ::gemm::gemm(
-                m,
-                n,
-                k,
-                c.as_mut_ptr(),
-                1,
-                ldc as isize,
-                !matches!(init, Init::Zero),
-                a.data.as_ptr().add(a.off),
-                a.ks as isize,
-                a.rs as isize,
-                b.data.as_ptr().add(b.off),
-                1,
-                b.ld as isize,
-                1.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                ::gemm::Parallelism::None,
-            )
-        }
+        unsafe { crate_gemm(m, n, k, c, ldc, accumulate, a, (b.data, b.off, b.ld, 1)) }
     }
     if let Some(cm) = col_max {
         for r in 0..m {

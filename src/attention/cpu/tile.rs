@@ -253,30 +253,7 @@ fn run_impl<const FUSED: bool>(
     while j0 < j_end {
         let nk = bc.min(j_end - j0);
         let k_off = b * ks[0] + kvh * ks[1] + j0 * ks[2];
-        let a = match k_direct {
-            Some(k) => MatA {
-                data: k,
-                off: k_off,
-                rs: ks[2],
-                ks: ks[3],
-            },
-            None => {
-                for j in 0..nk {
-                    load_row(
-                        inp.k,
-                        k_off + j * ks[2],
-                        ks[3],
-                        &mut s.kbuf[j * d..(j + 1) * d],
-                    );
-                }
-                MatA {
-                    data: &s.kbuf,
-                    off: 0,
-                    rs: d,
-                    ks: 1,
-                }
-            }
-        };
+        let a = k_block(inp.k, ks, k_off, nk, d, &mut s.kbuf);
         // Only blocks straddling some row's visible range need per-element masking.
         let boundary = j0 < rows.lo[last] || j0 + nk > rows.hi_key[0];
         // Scores used as computed: the GEMM takes their column maxima while in registers.
@@ -331,28 +308,7 @@ fn run_impl<const FUSED: bool>(
             _ => state.update::<FUSED>(&mut s.st, ld, cols, nk),
         };
         let v_off = b * vs[0] + kvh * vs[1] + j0 * vs[2];
-        let bmat = match v_direct {
-            Some(v) => MatB {
-                data: v,
-                off: v_off,
-                ld: vs[2],
-            },
-            None => {
-                for j in 0..nk {
-                    load_row(
-                        inp.v,
-                        v_off + j * vs[2],
-                        vs[3],
-                        &mut s.vbuf[j * dv..(j + 1) * dv],
-                    );
-                }
-                MatB {
-                    data: &s.vbuf,
-                    off: 0,
-                    ld: dv,
-                }
-            }
-        };
+        let bmat = v_block(inp.v, vs, v_off, nk, dv, &mut s.vbuf);
         let pt = MatA {
             data: &s.st,
             off: 0,
@@ -383,6 +339,64 @@ fn run_impl<const FUSED: bool>(
         j0 += nk;
     }
     write_out(p, &rows, &s.o, &state.l, out)
+}
+
+/// Keys `off..` (`nk` rows of `d`) of K as a GEMM operand: f32 K in place through its
+/// strides `ks`, any other type widened into `buf` (rows of `d`) first.
+pub(super) fn k_block<'a>(
+    k: Elems<'a>,
+    ks: [usize; 4],
+    off: usize,
+    nk: usize,
+    d: usize,
+    buf: &'a mut [f32],
+) -> MatA<'a> {
+    if let Elems::F32(k) = k {
+        return MatA {
+            data: k,
+            off,
+            rs: ks[2],
+            ks: ks[3],
+        };
+    }
+    for (j, dst) in buf.chunks_mut(d).take(nk).enumerate() {
+        load_row(k, off + j * ks[2], ks[3], dst);
+    }
+    MatA {
+        data: buf,
+        off: 0,
+        rs: d,
+        ks: 1,
+    }
+}
+
+/// Keys `off..` (`nk` rows of `dv`) of V as a GEMM operand: f32 V with contiguous rows in
+/// place, anything else widened into `buf` (rows of `dv`) first.
+pub(super) fn v_block<'a>(
+    v: Elems<'a>,
+    vs: [usize; 4],
+    off: usize,
+    nk: usize,
+    dv: usize,
+    buf: &'a mut [f32],
+) -> MatB<'a> {
+    match v {
+        Elems::F32(v) if vs[3] == 1 => MatB {
+            data: v,
+            off,
+            ld: vs[2],
+        },
+        _ => {
+            for (j, dst) in buf.chunks_mut(dv).take(nk).enumerate() {
+                load_row(v, off + j * vs[2], vs[3], dst);
+            }
+            MatB {
+                data: buf,
+                off: 0,
+                ld: dv,
+            }
+        }
+    }
 }
 
 /// How a block of scores is laid out: element (key `j` of the block, task row `r`) at

@@ -10,10 +10,10 @@
 
 use super::convert::load_row;
 #[cfg(target_arch = "x86_64")]
-use super::gemm::Isa;
-use super::gemm::{gemm, gemm_nt, Init, MatA, MatB};
+use super::gemm::{check_nt, Isa};
+use super::gemm::{gemm, gemm_nt, Init, MatA};
 use super::softmax::update_rows;
-use super::tile::{finish_scores, write_out, Layout, Rows};
+use super::tile::{finish_scores, k_block, v_block, write_out, Layout, Rows};
 use super::{OutPtr, Plan};
 use crate::attention::{AttentionProblem, CpuInputs, Elems};
 use crate::Result;
@@ -163,17 +163,12 @@ fn run_impl<const FUSED: bool>(
         ks: 1,
     };
     let (ks, vs) = (inp.k_strides, inp.v_strides);
-    // f32 K is read in place whatever its strides; other types are widened block by block.
-    let k_direct = match inp.k {
-        Elems::F32(k) => Some(k),
-        _ => None,
-    };
-    let v_direct = match inp.v {
-        Elems::F32(v) if vs[3] == 1 => Some(v),
-        _ => None,
-    };
-    let mut kbuf = vec![0.0f32; if k_direct.is_none() { bc * d } else { 0 }];
-    let mut vbuf = vec![0.0f32; if v_direct.is_none() { bc * dv } else { 0 }];
+    // Blocks that `k_block`/`v_block` cannot read in place (not f32; V rows not contiguous)
+    // are widened into these.
+    let k_in_place = matches!(inp.k, Elems::F32(_));
+    let v_in_place = matches!(inp.v, Elems::F32(_)) && vs[3] == 1;
+    let mut kbuf = vec![0.0f32; if k_in_place { 0 } else { bc * d }];
+    let mut vbuf = vec![0.0f32; if v_in_place { 0 } else { bc * dv }];
     let mut s = vec![0.0f32; n * bc];
     let mut row_buf = vec![0.0f32; bc];
     let (mut m, mut l, mut alpha) = (vec![f32::NEG_INFINITY; n], vec![0.0f32; n], vec![1.0f32; n]);
@@ -182,25 +177,7 @@ fn run_impl<const FUSED: bool>(
     while j0 < j_end {
         let nk = bc.min(j_end - j0);
         let k_off = b * ks[0] + kvh * ks[1] + j0 * ks[2];
-        let kmat = match k_direct {
-            Some(k) => MatA {
-                data: k,
-                off: k_off,
-                rs: ks[2],
-                ks: ks[3],
-            },
-            None => {
-                for (j, dst) in kbuf.chunks_mut(d).take(nk).enumerate() {
-                    load_row(inp.k, k_off + j * ks[2], ks[3], dst);
-                }
-                MatA {
-                    data: &kbuf,
-                    off: 0,
-                    rs: d,
-                    ks: 1,
-                }
-            }
-        };
+        let kmat = k_block(inp.k, ks, k_off, nk, d, &mut kbuf);
         scores(plan.isa, n, nk, d, qmat, kmat, &mut s, bc)?;
         let boundary = j0 < rows.lo[last] || j0 + nk > rows.hi_key[0];
         let at = Layout {
@@ -210,23 +187,7 @@ fn run_impl<const FUSED: bool>(
         finish_scores(p, inp, &rows, &mut s, at, j0, nk, boundary, &mut row_buf);
         let moved = update_rows::<FUSED>(&mut s, bc, n, nk, &mut m, &mut l, &mut alpha);
         let v_off = b * vs[0] + kvh * vs[1] + j0 * vs[2];
-        let vmat = match v_direct {
-            Some(v) => MatB {
-                data: v,
-                off: v_off,
-                ld: vs[2],
-            },
-            None => {
-                for (j, dst) in vbuf.chunks_mut(dv).take(nk).enumerate() {
-                    load_row(inp.v, v_off + j * vs[2], vs[3], dst);
-                }
-                MatB {
-                    data: &vbuf,
-                    off: 0,
-                    ld: dv,
-                }
-            }
-        };
+        let vmat = v_block(inp.v, vs, v_off, nk, dv, &mut vbuf);
         let pmat = MatA {
             data: &s,
             off: 0,
@@ -262,17 +223,8 @@ fn scores(
     lds: usize,
 ) -> Result<()> {
     #[cfg(target_arch = "x86_64")]
-    if matches!(isa, Isa::Avx512 | Isa::Amx) && k.ks == 1 && q.ks == 1 && n > 0 && nk > 0 {
-        if d == 0
-            || q.off + (n - 1) * q.rs + d > q.data.len()
-            || k.off + (nk - 1) * k.rs + d > k.data.len()
-            || (n - 1) * lds + nk > s.len()
-            || nk > lds
-        {
-            return Err(crate::Error::Other(
-                "internal error in the CPU attention kernel: score block out of bounds".into(),
-            ));
-        }
+    if matches!(isa, Isa::Avx512 | Isa::Amx) && k.ks == 1 && q.ks == 1 && n > 0 && nk > 0 && d > 0 {
+        check_nt(n, nk, d, q, k, s.len(), lds)?;
         // SAFETY: AVX-512F (the plan names it only when the CPU has it); extents checked.
         unsafe { avx512::scores(n, nk, d, q, k, s, lds) };
         return Ok(());
