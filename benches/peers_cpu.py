@@ -37,8 +37,8 @@ def peak_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def unfused():
-    io = [helper.make_tensor_value_info(n, F, ["B", H, "S", D]) for n in "qkv"]
+def unfused_graph(io, out, d):
+    """q, k, v → softmax(q·kᵀ/√d)·v as plain ONNX ops (4D, heads on axis 1)."""
     nodes = [
         helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
         helper.make_node("MatMul", ["q", "kt"], ["s"]),
@@ -46,8 +46,13 @@ def unfused():
         helper.make_node("Softmax", ["ss"], ["p"], axis=-1),
         helper.make_node("MatMul", ["p", "v"], ["o"]),
     ]
+    return helper.make_graph(nodes, "g", io, out, [helper.make_tensor("scale", F, [], [d**-0.5])])
+
+
+def unfused():
+    io = [helper.make_tensor_value_info(n, F, ["B", H, "S", D]) for n in "qkv"]
     out = [helper.make_tensor_value_info("o", F, ["B", H, "S", D])]
-    g = helper.make_graph(nodes, "g", io, out, [helper.make_tensor("scale", F, [], [D**-0.5])])
+    g = unfused_graph(io, out, D)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), "bnsd"
 
 
@@ -151,15 +156,7 @@ def decode(heads, sq, skv, d, threads, seconds, libs):
         kv = [helper.make_tensor_value_info(n, F, [1, heads, skv, d]) for n in "kv"]
         out = [helper.make_tensor_value_info("o", F, [1, heads, sq, d])]
         if impl == "unfused":
-            nodes = [
-                helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
-                helper.make_node("MatMul", ["q", "kt"], ["s"]),
-                helper.make_node("Mul", ["s", "scale"], ["ss"]),
-                helper.make_node("Softmax", ["ss"], ["p"], axis=-1),
-                helper.make_node("MatMul", ["p", "v"], ["o"]),
-            ]
-            g = helper.make_graph(nodes, "g", [q, *kv], out,
-                                  [helper.make_tensor("scale", F, [], [d**-0.5])])
+            g = unfused_graph([q, *kv], out, d)
             return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
         node = helper.make_node("FlashAttention", ["q", "k", "v"], ["o"], domain="com.flash")
         g = helper.make_graph([node], "g", [q, *kv], out)
