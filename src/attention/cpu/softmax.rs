@@ -445,7 +445,7 @@ fn lanes_mut(row: &mut [f32], c0: usize) -> Option<&mut [f32; LANES]> {
 /// the output as on the AVX-512 path, not vanish behind a finite maximum): a compare and two
 /// blends.
 #[inline(always)]
-fn fmax(a: f32, b: f32) -> f32 {
+pub(super) fn fmax(a: f32, b: f32) -> f32 {
     if a > b || a.is_nan() {
         a
     } else {

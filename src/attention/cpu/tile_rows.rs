@@ -12,7 +12,7 @@ use super::convert::load_row;
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{check_nt, Isa};
 use super::gemm::{gemm, gemm_nt, Init, MatA};
-use super::softmax::update_rows;
+use super::softmax::{fmax, update_rows};
 use super::tile::{finish_scores, k_block, v_block, write_out, Layout, Rows};
 use super::{OutPtr, Plan};
 use crate::attention::{AttentionProblem, CpuInputs, Elems};
@@ -69,19 +69,7 @@ pub fn combine(p: &AttentionProblem, parts: &[Partial], out: &OutPtr) -> Result<
     let mut l = vec![0.0f32; n];
     for r in 0..n {
         // A NaN max (from a NaN score) must reach the output, as on the one-task path.
-        let m = parts
-            .iter()
-            .map(|c| c.m[r])
-            .fold(
-                f32::NEG_INFINITY,
-                |a, x| {
-                    if x > a || x.is_nan() {
-                        x
-                    } else {
-                        a
-                    }
-                },
-            );
+        let m = parts.iter().map(|c| c.m[r]).fold(f32::NEG_INFINITY, fmax);
         for c in parts {
             // A chunk that saw no key (m = −∞) contributes nothing; exp2(−∞) is 0.
             let w = if c.m[r] == f32::NEG_INFINITY {
